@@ -1,0 +1,344 @@
+"""Safetensors checkpoints: memory-mapped reading, strict meta-device loading, local/hub resolution.
+
+A checkpoint is a mapping from parameter name to tensor. Reading never unpickles anything: the safetensors
+header is parsed here and each tensor is a zero-copy view into a private (copy-on-write) memory map of its
+file. Loading builds the module on the ``meta`` device and assigns those views (or their dtype/device
+conversions) with ``load_state_dict(strict=True, assign=True)``, so a native-dtype CPU load keeps exactly one
+copy of the weights: the file's own pages.
+
+Layouts differ between releases (BFL single files vs diffusers folders); a model file describes the
+difference as a :class:`Remap` (target key -> source keys + a combine function) and the loader applies it
+lazily, one tensor at a time, releasing source pages as it goes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_LISTED = 12  # keys shown per category in a mismatch error
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the module it should load into (or is damaged)."""
+
+
+# ----------------------------------------------------------------------------------------------- files
+class SafetensorsFile:
+    """One ``.safetensors`` file, memory-mapped; ``tensor(k)`` is a zero-copy view into the mapping."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"safetensors file not found: {self.path}")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path} is not a safetensors file (only {size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(
+                    f"{self.path} is truncated or not a safetensors file: the header claims {n} bytes but the "
+                    f"file holds {size}. Delete it and download it again.")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path} has a corrupt safetensors header ({e})") from None
+            # ACCESS_COPY: views are writable (copy-on-write) and never modify the file.
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._base = 8 + n
+        data_size = size - self._base
+        self._info: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            dtype = _DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+            start, end = info["data_offsets"]
+            shape = tuple(int(s) for s in info["shape"])
+            if end > data_size:
+                raise CheckpointError(
+                    f"{self.path} is truncated: tensor {key!r} needs bytes up to {self._base + end} but the file "
+                    f"holds {size}. The download was probably interrupted; delete the file and download it again.")
+            self._info[key] = (dtype, shape, start, end)
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._info[key][0]
+
+    def tensor(self, key: str) -> Tensor:
+        dtype, shape, start, end = self._info[key]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - start, offset=self._base + start)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if (self._base + start) % itemsize:  # misaligned: view() needs alignment, so copy this one
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
+
+    def release(self, key: str) -> None:
+        """Drop the resident pages of ``key`` (after its data was copied elsewhere)."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, start, end = self._info[key]
+        page = mmap.PAGESIZE
+        lo = -(-(self._base + start) // page) * page  # only whole pages inside the tensor
+        hi = (self._base + end) // page * page
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+class Checkpoint(Mapping):
+    """Lazy ``name -> Tensor`` mapping over one file or a sharded index; values are zero-copy views."""
+
+    def __init__(self, files: dict[str, SafetensorsFile], source: str):
+        self._where = files
+        self.source = source
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._where[key].tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: f.shape(k) for k, f in self._where.items()}
+
+    def release(self, key: str) -> None:
+        self._where[key].release(key)
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {f.dtype(k) for k, f in self._where.items()}
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a ``.safetensors`` file, a ``*.safetensors.index.json``, or a folder holding exactly one of them."""
+    p = Path(path)
+    if p.is_dir():
+        found = find_weights(p)
+        if found is None:
+            raise FileNotFoundError(f"no *.safetensors or *.safetensors.index.json in {p}")
+        p = found
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.name.endswith(".index.json"):
+        try:
+            index = json.loads(p.read_text())
+            weight_map: dict[str, str] = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{p} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        shards: dict[str, SafetensorsFile] = {}
+        for name in sorted(set(weight_map.values())):
+            shard = p.parent / name
+            if not shard.is_file():
+                n_keys = sum(v == name for v in weight_map.values())
+                raise FileNotFoundError(
+                    f"shard {name} listed in {p} ({n_keys} tensors) is missing from {p.parent}; "
+                    f"download it again (or the whole folder)")
+            shards[name] = SafetensorsFile(shard)
+        files = {}
+        for key, name in weight_map.items():
+            if key not in shards[name]._info:
+                raise CheckpointError(f"{p} maps {key!r} to {name}, but that shard does not contain it")
+            files[key] = shards[name]
+        return Checkpoint(files, source=str(p))
+    f = SafetensorsFile(p)
+    return Checkpoint({k: f for k in f.keys()}, source=str(p))
+
+
+def find_weights(folder: Path) -> Path | None:
+    """The index or the single safetensors file inside ``folder`` (an index wins)."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder} holds several safetensors indexes: {[i.name for i in indexes]}")
+    if indexes:
+        return indexes[0]
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) > 1:
+        raise CheckpointError(f"{folder} holds several safetensors files and no index: {[f.name for f in files]}")
+    return files[0] if files else None
+
+
+# ----------------------------------------------------------------------------------------------- remapping
+@dataclass(frozen=True)
+class Derived:
+    """A target tensor computed from source tensors (e.g. q, k, v fused into qkv)."""
+
+    sources: tuple[str, ...]
+    combine: Callable[..., Tensor]
+
+
+class Remap(Mapping):
+    """A checkpoint seen through a key map: each target is a source key (renamed) or a :class:`Derived`."""
+
+    def __init__(self, base: Checkpoint, plan: Mapping[str, str | Derived]):
+        self.base, self.plan, self.source = base, dict(plan), base.source
+        missing = {s for d in self.plan.values() for s in _sources(d)} - set(base)
+        if missing:
+            raise CheckpointError(
+                f"{base.source} lacks {len(missing)} tensors needed for conversion: {_head(sorted(missing))}")
+
+    def __getitem__(self, key: str) -> Tensor:
+        d = self.plan[key]
+        if isinstance(d, str):
+            return self.base[d]
+        return d.combine(*(self.base[s] for s in d.sources))
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = self.base.shapes()
+        out = {}
+        for k, d in self.plan.items():
+            if isinstance(d, str):
+                out[k] = shapes[d]
+            else:  # run the combine on meta tensors: shape only, no data touched
+                out[k] = tuple(d.combine(*(torch.empty(shapes[s], device="meta") for s in d.sources)).shape)
+        return out
+
+    def release(self, key: str) -> None:
+        for s in _sources(self.plan[key]):
+            self.base.release(s)
+
+
+def _sources(d: str | Derived) -> tuple[str, ...]:
+    return (d,) if isinstance(d, str) else d.sources
+
+
+def strip_prefix(ckpt: Checkpoint, prefix: str) -> Checkpoint | Remap:
+    """Drop ``prefix`` from every key that has it (e.g. ComfyUI's ``model.diffusion_model.``)."""
+    if not any(k.startswith(prefix) for k in ckpt):
+        return ckpt
+    return Remap(ckpt, {k.removeprefix(prefix): k for k in ckpt})
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Construct a module without allocating (or initialising) any parameter."""
+    with torch.device("meta"):
+        return factory()
+
+
+def check_keys(module: nn.Module, shapes: Mapping[str, Sequence[int]], source: str) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and wrong-shape keys, with counts."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(shapes[k])} vs model {expected[k]}"
+        for k in set(expected) & set(shapes)
+        if tuple(shapes[k]) != expected[k]
+    )
+    if missing or unexpected or wrong:
+        parts = [f"checkpoint {source} does not match {type(module).__name__}:"]
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"  {len(items)} {name}: {_head(items)}")
+        raise CheckpointError("\n".join(parts))
+
+
+def load_checkpoint(
+    module: nn.Module,
+    ckpt: Checkpoint | Remap,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Strictly load ``ckpt`` into a meta-built ``module`` with ``assign=True``; returns it in eval mode.
+
+    Tensors are converted one at a time; a tensor that had to be copied (new dtype, other device, fused)
+    releases its source pages immediately, so peak memory stays near one copy of the weights.
+    """
+    check_keys(module, ckpt.shapes(), ckpt.source)
+    device = torch.device(device)
+    state = {}
+    for key in module.state_dict():
+        src = ckpt[key]
+        t = src
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to(device)
+        if t.data_ptr() != src.data_ptr() or isinstance(ckpt, Remap) and not isinstance(ckpt.plan[key], str):
+            ckpt.release(key)
+        state[key] = t
+    module.load_state_dict(state, strict=True, assign=True)
+    leftovers = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise CheckpointError(f"{type(module).__name__} still has meta tensors after loading: {_head(leftovers)}")
+    return module.eval()
+
+
+def _head(items: Iterable[str]) -> str:
+    items = list(items)
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+# ----------------------------------------------------------------------------------------------- hub
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_repo_id(s: str) -> bool:
+    return bool(_REPO_ID.match(s)) and not Path(s).exists()
+
+
+def resolve(path_or_repo: str | os.PathLike, allow_patterns: list[str]) -> Path:
+    """A local path as is, or a Hugging Face repo id downloaded (only ``allow_patterns``) to the hub cache.
+
+    Gated repositories read the token from ``HF_TOKEN`` (or ``huggingface-cli login``).
+    """
+    s = os.fspath(path_or_repo)
+    if Path(s).exists():
+        return Path(s)
+    if not is_repo_id(s):
+        raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id ('org/name')")
+    return download(s, allow_patterns)
+
+
+def download(repo_id: str, allow_patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+    except Exception as e:  # translate hub errors into instructions
+        name = type(e).__name__
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if name == "GatedRepoError" or status in (401, 403):
+            token = "HF_TOKEN is set but was refused" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
+            raise PermissionError(
+                f"{repo_id} is gated and the hub refused access ({token}). Accept the licence at "
+                f"https://huggingface.co/{repo_id}, create a read token at https://huggingface.co/settings/tokens "
+                f"and export HF_TOKEN=<token> (or pass a local folder instead).") from e
+        if name == "RepositoryNotFoundError" or status == 404:
+            raise FileNotFoundError(f"Hugging Face repo {repo_id!r} not found (or private without a token)") from e
+        if name in ("LocalEntryNotFoundError", "ConnectError", "ConnectionError") or "connect" in str(e).lower():
+            raise ConnectionError(
+                f"could not download {repo_id} ({allow_patterns}): the hub is unreachable and nothing is cached. "
+                f"Download the files elsewhere and pass the local folder.") from e
+        raise

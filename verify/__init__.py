@@ -1,0 +1,1 @@
+"""Verification of draft edits against the source (SpecEdit verifier building blocks)."""
