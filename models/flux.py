@@ -71,20 +71,40 @@ class FluxConfig:
 
 
 FLUX_KONTEXT_DEV = FluxConfig(
-    in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
-    num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56), theta=10_000, qkv_bias=True,
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=(16, 56, 56),
+    theta=10_000,
+    qkv_bias=True,
     guidance_embed=True,
 )
 # Sizes shrink; every flag (qkv bias, guidance embedding, 3-axis RoPE) stays.
 FLUX_TINY = replace(
-    FLUX_KONTEXT_DEV, in_channels=16, out_channels=16, vec_in_dim=20, context_in_dim=24, hidden_size=32,
-    num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+    FLUX_KONTEXT_DEV,
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=20,
+    context_in_dim=24,
+    hidden_size=32,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=(4, 6, 6),
 )
 PRESETS = {"flux-kontext-dev": FLUX_KONTEXT_DEV, "flux-tiny": FLUX_TINY}
 
 
 # ----------------------------------------------------------------------------------------------- functions
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, factor: float = 1000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int = 256, max_period: float = 10_000.0, factor: float = 1000.0
+) -> Tensor:
     """(b,) times in [0, 1] -> (b, dim) sinusoid, cosines first (BFL ``time_factor`` = 1000)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -202,7 +222,9 @@ class DoubleStreamBlock(nn.Module):
         q, k = attn.norm(q, k, v)
         return q, k, v
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
         iq, ik, iv = self._qkv(self.img_attn, (1 + i_scale1) * self.img_norm1(img) + i_shift1)
@@ -233,7 +255,9 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1((1 + scale) * self.pre_norm(x) + shift).split([3 * self.hidden_size, self.mlp_hidden], -1)
+        qkv, mlp = self.linear1((1 + scale) * self.pre_norm(x) + shift).split(
+            [3 * self.hidden_size, self.mlp_hidden], -1
+        )
         q, k, v = rearrange(qkv, "b s (k h d) -> k b h s d", k=3, h=self.num_heads)
         q, k = self.norm(q, k, v)
         return x + gate * self.linear2(torch.cat([attention(q, k, v, pe), self.mlp_act(mlp)], -1))
@@ -316,8 +340,15 @@ class Flux(nn.Module):
 def _batched_ids(ids: Tensor, tokens: Tensor, name: str) -> Tensor:
     if ids.ndim == 2:
         ids = ids[None]
-    if ids.ndim != 3 or ids.shape[-1] != 3 or ids.shape[1] != tokens.shape[1] or ids.shape[0] not in (1, tokens.shape[0]):
-        raise ValueError(f"{name} must be (b, {tokens.shape[1]}, 3) or ({tokens.shape[1]}, 3), got {tuple(ids.shape)}")
+    if (
+        ids.ndim != 3
+        or ids.shape[-1] != 3
+        or ids.shape[1] != tokens.shape[1]
+        or ids.shape[0] not in (1, tokens.shape[0])
+    ):
+        raise ValueError(
+            f"{name} must be (b, {tokens.shape[1]}, 3) or ({tokens.shape[1]}, 3), got {tuple(ids.shape)}"
+        )
     return ids.to(tokens.device).expand(tokens.shape[0], -1, -1)
 
 
@@ -336,7 +367,11 @@ def flops(cfg: FluxConfig, n_img: int, n_txt: int, batch: int = 1) -> dict[str, 
     final = 2 * d * d + n_img * d * cfg.out_channels
     linear = embed + cond + cfg.depth * double + cfg.depth_single_blocks * single + final
     attn = (cfg.depth + cfg.depth_single_blocks) * 2 * s * s * d
-    return {"total": 2.0 * batch * (linear + attn), "linear": 2.0 * batch * linear, "attention": 2.0 * batch * attn}
+    return {
+        "total": 2.0 * batch * (linear + attn),
+        "linear": 2.0 * batch * linear,
+        "attention": 2.0 * batch * attn,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -385,7 +420,8 @@ def _locate(path_or_repo: str | os.PathLike) -> Path:
         return _locate(p / "transformer")
     raise FileNotFoundError(
         f"no FLUX transformer in {p}: expected a BFL file (flux1-*.safetensors), a diffusers folder "
-        f"(config.json + *.safetensors) or a transformer/ subfolder")
+        f"(config.json + *.safetensors) or a transformer/ subfolder"
+    )
 
 
 def config_from_diffusers(c: dict) -> FluxConfig:
@@ -394,10 +430,18 @@ def config_from_diffusers(c: dict) -> FluxConfig:
         raise ValueError(f"FLUX diffusers config has patch_size {c['patch_size']}; only 1 is supported")
     heads, hd = c["num_attention_heads"], c["attention_head_dim"]
     return FluxConfig(
-        in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
-        vec_in_dim=c["pooled_projection_dim"], context_in_dim=c["joint_attention_dim"], hidden_size=heads * hd,
-        mlp_ratio=4.0, num_heads=heads, depth=c["num_layers"], depth_single_blocks=c["num_single_layers"],
-        axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))), theta=10_000, qkv_bias=True,
+        in_channels=c["in_channels"],
+        out_channels=c.get("out_channels") or c["in_channels"],
+        vec_in_dim=c["pooled_projection_dim"],
+        context_in_dim=c["joint_attention_dim"],
+        hidden_size=heads * hd,
+        mlp_ratio=4.0,
+        num_heads=heads,
+        depth=c["num_layers"],
+        depth_single_blocks=c["num_single_layers"],
+        axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
+        theta=10_000,
+        qkv_bias=True,
         guidance_embed=bool(c.get("guidance_embeds", False)),
     )
 
@@ -412,7 +456,9 @@ def config_from_bfl(ckpt: Checkpoint | Remap) -> FluxConfig:
         vec, ctx = shapes["vector_in.in_layer.weight"][1], shapes["txt_in.weight"][1]
         out = shapes["final_layer.linear.weight"][0]
     except KeyError as e:
-        raise ValueError(f"{ckpt.source} is not a BFL FLUX transformer checkpoint (no {e.args[0]!r})") from None
+        raise ValueError(
+            f"{ckpt.source} is not a BFL FLUX transformer checkpoint (no {e.args[0]!r})"
+        ) from None
     if head_dim != 128:
         raise ValueError(f"{ckpt.source} has head dim {head_dim}; pass config= with its RoPE axes_dim")
 
@@ -420,9 +466,18 @@ def config_from_bfl(ckpt: Checkpoint | Remap) -> FluxConfig:
         return len({m.group(1) for k in shapes if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
 
     return FluxConfig(
-        in_channels=cin, out_channels=out, vec_in_dim=vec, context_in_dim=ctx, hidden_size=d, mlp_ratio=mlp / d,
-        num_heads=d // head_dim, depth=count("double_blocks"), depth_single_blocks=count("single_blocks"),
-        axes_dim=(16, 56, 56), theta=10_000, qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
+        in_channels=cin,
+        out_channels=out,
+        vec_in_dim=vec,
+        context_in_dim=ctx,
+        hidden_size=d,
+        mlp_ratio=mlp / d,
+        num_heads=d // head_dim,
+        depth=count("double_blocks"),
+        depth_single_blocks=count("single_blocks"),
+        axes_dim=(16, 56, 56),
+        theta=10_000,
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
 
@@ -475,8 +530,9 @@ def diffusers_to_bfl(ckpt: Checkpoint, cfg: FluxConfig) -> Remap:
     swap = lambda x: torch.cat(x.chunk(2, 0)[::-1], 0)
     plan["final_layer.adaLN_modulation.1.weight"] = Derived(("norm_out.linear.weight",), swap)
     plan["final_layer.adaLN_modulation.1.bias"] = Derived(("norm_out.linear.bias",), swap)
-    extra = sorted(set(ckpt) - {s for d in plan.values() for s in ((d,) if isinstance(d, str) else d.sources)})
+    extra = sorted(
+        set(ckpt) - {s for d in plan.values() for s in ((d,) if isinstance(d, str) else d.sources)}
+    )
     if extra:
-        raise ValueError(
-            f"{ckpt.source} has {len(extra)} tensors the FLUX config does not use (wrong config?): {extra[:8]}")
+        raise ValueError(f"{ckpt.source} has {len(extra)} tensors this FLUX config does not use: {extra[:8]}")
     return Remap(ckpt, plan)

@@ -63,8 +63,15 @@ class FluxAEConfig:
 
 
 FLUX_AE = FluxAEConfig(
-    in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, norm_groups=32,
-    scale_factor=0.3611, shift_factor=0.1159,
+    in_channels=3,
+    out_ch=3,
+    ch=128,
+    ch_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    z_channels=16,
+    norm_groups=32,
+    scale_factor=0.3611,
+    shift_factor=0.1159,
 )
 FLUX_AE_TINY = replace(FLUX_AE, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4, norm_groups=8)
 PRESETS = {"flux-ae": FLUX_AE, "flux-ae-tiny": FLUX_AE_TINY}
@@ -215,8 +222,10 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def encode(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """(b, 3, H, W) image in [-1, 1] -> (b, z, H/8, W/8) normalised latent (the posterior mean by default)."""
+    def encode(
+        self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(b, 3, H, W) image in [-1, 1] -> (b, z, H/8, W/8) normalised latent (posterior mean by default)."""
         f = self.config.factor
         if image.ndim != 4 or image.shape[1] != self.config.in_channels:
             raise ValueError(f"encode expects (b, {self.config.in_channels}, H, W), got {tuple(image.shape)}")
@@ -233,8 +242,10 @@ class AutoEncoder(nn.Module):
         """(b, z, h, w) normalised latent -> (b, 3, 8h, 8w) image, about [-1, 1], not clamped."""
         return self.decoder(self._denorm(latent))
 
-    def decoder_features(self, latent: Tensor, taps: tuple[str, ...] = ("conv_in", "mid", "up0")) -> dict[str, Tensor]:
-        """Decoder feature maps named in ``taps`` ("conv_in", "mid", "up0", "up1", ...), stopping at the last."""
+    def decoder_features(
+        self, latent: Tensor, taps: tuple[str, ...] = ("conv_in", "mid", "up0")
+    ) -> dict[str, Tensor]:
+        """Decoder maps named in ``taps`` ("conv_in", "mid", "up0", "up1", ...); stops at the last one."""
         names = ["conv_in", "mid", *(f"up{k}" for k in range(len(self.decoder.up)))]
         unknown = [t for t in taps if t not in names]
         if unknown:
@@ -294,7 +305,9 @@ def _locate(path_or_repo: str | os.PathLike) -> Path:
         return p / "ae.safetensors"
     if (p / "vae").is_dir():
         return _locate(p / "vae")
-    raise FileNotFoundError(f"no FLUX autoencoder in {p}: expected ae.safetensors, a vae/ folder, or config.json + weights")
+    raise FileNotFoundError(
+        f"no FLUX autoencoder in {p}: expected ae.safetensors, a vae/ folder, or config.json + weights"
+    )
 
 
 def config_from_diffusers(c: dict) -> FluxAEConfig:
@@ -308,10 +321,15 @@ def config_from_diffusers(c: dict) -> FluxAEConfig:
     if any(w % ch for w in widths):
         raise ValueError(f"block_out_channels {widths} are not multiples of the first width")
     return FluxAEConfig(
-        in_channels=c.get("in_channels", 3), out_ch=c.get("out_channels", 3), ch=ch,
-        ch_mult=tuple(w // ch for w in widths), num_res_blocks=c["layers_per_block"],
-        z_channels=c["latent_channels"], norm_groups=c.get("norm_num_groups", 32),
-        scale_factor=float(c.get("scaling_factor", 1.0)), shift_factor=float(c.get("shift_factor") or 0.0),
+        in_channels=c.get("in_channels", 3),
+        out_ch=c.get("out_channels", 3),
+        ch=ch,
+        ch_mult=tuple(w // ch for w in widths),
+        num_res_blocks=c["layers_per_block"],
+        z_channels=c["latent_channels"],
+        norm_groups=c.get("norm_num_groups", 32),
+        scale_factor=float(c.get("scaling_factor", 1.0)),
+        shift_factor=float(c.get("shift_factor") or 0.0),
     )
 
 
@@ -327,7 +345,9 @@ def config_from_bfl(ckpt: Checkpoint) -> FluxAEConfig:
     levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in levels)
     n_res = len({m.group(1) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    return replace(FLUX_AE, in_channels=cin, out_ch=out, ch=ch, ch_mult=mult, num_res_blocks=n_res, z_channels=z)
+    return replace(
+        FLUX_AE, in_channels=cin, out_ch=out, ch=ch, ch_mult=mult, num_res_blocks=n_res, z_channels=z
+    )
 
 
 def diffusers_to_bfl(ckpt: Checkpoint, cfg: FluxAEConfig) -> Remap:

@@ -25,9 +25,18 @@ import torch
 from torch import Tensor, nn
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_LISTED = 12  # keys shown per category in a mismatch error
 
@@ -52,8 +61,10 @@ class SafetensorsFile:
             n = int.from_bytes(head, "little")
             if n > size - 8 or n > 100_000_000:
                 raise CheckpointError(
-                    f"{self.path} is truncated or not a safetensors file: the header claims {n} bytes but the "
-                    f"file holds {size}. Delete it and download it again.")
+                    f"{self.path} is truncated or not a safetensors file: the header claims {n} bytes "
+                    f"but the "
+                    f"file holds {size}. Delete it and download it again."
+                )
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -67,13 +78,17 @@ class SafetensorsFile:
         for key, info in header.items():
             dtype = _DTYPES.get(info.get("dtype"))
             if dtype is None:
-                raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}"
+                )
             start, end = info["data_offsets"]
             shape = tuple(int(s) for s in info["shape"])
             if end > data_size:
                 raise CheckpointError(
-                    f"{self.path} is truncated: tensor {key!r} needs bytes up to {self._base + end} but the file "
-                    f"holds {size}. The download was probably interrupted; delete the file and download it again.")
+                    f"{self.path} is truncated: tensor {key!r} needs bytes up to {self._base + end} but "
+                    f"the file holds {size}. The download was probably interrupted; delete the file and "
+                    "download it again."
+                )
             self._info[key] = (dtype, shape, start, end)
 
     def keys(self) -> list[str]:
@@ -134,7 +149,7 @@ class Checkpoint(Mapping):
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a ``.safetensors`` file, a ``*.safetensors.index.json``, or a folder holding exactly one of them."""
+    """Open a ``.safetensors`` file, a ``*.safetensors.index.json``, or a folder holding one of them."""
     p = Path(path)
     if p.is_dir():
         found = find_weights(p)
@@ -148,7 +163,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             index = json.loads(p.read_text())
             weight_map: dict[str, str] = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{p} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
+            raise CheckpointError(
+                f"{p} is not a valid safetensors index (needs a 'weight_map'): {e}"
+            ) from None
         shards: dict[str, SafetensorsFile] = {}
         for name in sorted(set(weight_map.values())):
             shard = p.parent / name
@@ -156,7 +173,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 n_keys = sum(v == name for v in weight_map.values())
                 raise FileNotFoundError(
                     f"shard {name} listed in {p} ({n_keys} tensors) is missing from {p.parent}; "
-                    f"download it again (or the whole folder)")
+                    f"download it again (or the whole folder)"
+                )
             shards[name] = SafetensorsFile(shard)
         files = {}
         for key, name in weight_map.items():
@@ -165,7 +183,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             files[key] = shards[name]
         return Checkpoint(files, source=str(p))
     f = SafetensorsFile(p)
-    return Checkpoint({k: f for k in f.keys()}, source=str(p))
+    return Checkpoint(dict.fromkeys(f.keys(), f), source=str(p))
 
 
 def find_weights(folder: Path) -> Path | None:
@@ -177,7 +195,9 @@ def find_weights(folder: Path) -> Path | None:
         return indexes[0]
     files = sorted(folder.glob("*.safetensors"))
     if len(files) > 1:
-        raise CheckpointError(f"{folder} holds several safetensors files and no index: {[f.name for f in files]}")
+        raise CheckpointError(
+            f"{folder} holds several safetensors files and no index: {[f.name for f in files]}"
+        )
     return files[0] if files else None
 
 
@@ -198,7 +218,8 @@ class Remap(Mapping):
         missing = {s for d in self.plan.values() for s in _sources(d)} - set(base)
         if missing:
             raise CheckpointError(
-                f"{base.source} lacks {len(missing)} tensors needed for conversion: {_head(sorted(missing))}")
+                f"{base.source} lacks {len(missing)} tensors needed for conversion: {_head(sorted(missing))}"
+            )
 
     def __getitem__(self, key: str) -> Tensor:
         d = self.plan[key]
@@ -290,7 +311,9 @@ def load_checkpoint(
     module.load_state_dict(state, strict=True, assign=True)
     leftovers = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if leftovers:
-        raise CheckpointError(f"{type(module).__name__} still has meta tensors after loading: {_head(leftovers)}")
+        raise CheckpointError(
+            f"{type(module).__name__} still has meta tensors after loading: {_head(leftovers)}"
+        )
     return module.eval()
 
 
@@ -333,12 +356,21 @@ def download(repo_id: str, allow_patterns: list[str]) -> Path:
             token = "HF_TOKEN is set but was refused" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"
             raise PermissionError(
                 f"{repo_id} is gated and the hub refused access ({token}). Accept the licence at "
-                f"https://huggingface.co/{repo_id}, create a read token at https://huggingface.co/settings/tokens "
-                f"and export HF_TOKEN=<token> (or pass a local folder instead).") from e
+                f"https://huggingface.co/{repo_id}, create a read token at "
+                f"https://huggingface.co/settings/tokens "
+                f"and export HF_TOKEN=<token> (or pass a local folder instead)."
+            ) from e
         if name == "RepositoryNotFoundError" or status == 404:
-            raise FileNotFoundError(f"Hugging Face repo {repo_id!r} not found (or private without a token)") from e
-        if name in ("LocalEntryNotFoundError", "ConnectError", "ConnectionError") or "connect" in str(e).lower():
+            raise FileNotFoundError(
+                f"Hugging Face repo {repo_id!r} not found (or private without a token)"
+            ) from e
+        if (
+            name in ("LocalEntryNotFoundError", "ConnectError", "ConnectionError")
+            or "connect" in str(e).lower()
+        ):
             raise ConnectionError(
-                f"could not download {repo_id} ({allow_patterns}): the hub is unreachable and nothing is cached. "
-                f"Download the files elsewhere and pass the local folder.") from e
+                f"could not download {repo_id} ({allow_patterns}): the hub is unreachable and nothing "
+                f"is cached. "
+                f"Download the files elsewhere and pass the local folder."
+            ) from e
         raise

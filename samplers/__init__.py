@@ -1,9 +1,25 @@
 """Flow-matching schedules and samplers as pure functions (no hidden step state)."""
 
 from samplers.flow import Denoiser, euler_step, noise_like, sample, x0_estimate
-from samplers.schedules import FLUX_SCHEDULE, QWEN_SCHEDULE, ShiftSchedule, flow_sigmas, shifted_range, time_shift
+from samplers.schedules import (
+    FLUX_SCHEDULE,
+    QWEN_SCHEDULE,
+    ShiftSchedule,
+    flow_sigmas,
+    shifted_range,
+    time_shift,
+)
 
 __all__ = [
-    "Denoiser", "euler_step", "noise_like", "sample", "x0_estimate",
-    "FLUX_SCHEDULE", "QWEN_SCHEDULE", "ShiftSchedule", "flow_sigmas", "shifted_range", "time_shift",
+    "Denoiser",
+    "euler_step",
+    "noise_like",
+    "sample",
+    "x0_estimate",
+    "FLUX_SCHEDULE",
+    "QWEN_SCHEDULE",
+    "ShiftSchedule",
+    "flow_sigmas",
+    "shifted_range",
+    "time_shift",
 ]

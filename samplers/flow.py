@@ -44,7 +44,9 @@ def sample(
     ``callback`` receives ``{"i", "x" (after the step), "sigma", "sigma_next", "v"}`` after every step.
     """
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be a 1-D schedule with at least 2 entries, got shape {tuple(sigmas.shape)}")
+        raise ValueError(
+            f"sigmas must be a 1-D schedule with at least 2 entries, got shape {tuple(sigmas.shape)}"
+        )
     steps = range(len(sigmas) - 1)
     if progress:
         from tqdm.auto import tqdm
@@ -59,7 +61,9 @@ def sample(
     return x
 
 
-def noise_like(shape: tuple[int, ...], seed: int | torch.Generator, *, dtype=torch.float32, device="cpu") -> Tensor:
+def noise_like(
+    shape: tuple[int, ...], seed: int | torch.Generator, *, dtype=torch.float32, device="cpu"
+) -> Tensor:
     """Standard normal noise drawn on a CPU generator (device independent), then moved to ``device``."""
     g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)

@@ -32,7 +32,9 @@ class ShiftSchedule:
 
 
 FLUX_SCHEDULE = ShiftSchedule(base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
-QWEN_SCHEDULE = ShiftSchedule(base_seq_len=256, max_seq_len=8192, base_shift=0.5, max_shift=0.9, shift_terminal=0.02)
+QWEN_SCHEDULE = ShiftSchedule(
+    base_seq_len=256, max_seq_len=8192, base_shift=0.5, max_shift=0.9, shift_terminal=0.02
+)
 
 
 def time_shift(sigmas: Tensor, mu: float) -> Tensor:

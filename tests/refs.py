@@ -27,7 +27,9 @@ def max_rel_err(ours: Tensor, ref: Tensor) -> float:
     return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-def flux_bfl_to_diffusers(sd: dict[str, Tensor], n_double: int, n_single: int, hidden: int) -> dict[str, Tensor]:
+def flux_bfl_to_diffusers(
+    sd: dict[str, Tensor], n_double: int, n_single: int, hidden: int
+) -> dict[str, Tensor]:
     """BFL FLUX transformer state dict -> diffusers FluxTransformer2DModel state dict (spec table 1.3)."""
     out: dict[str, Tensor] = {}
 
@@ -38,8 +40,11 @@ def flux_bfl_to_diffusers(sd: dict[str, Tensor], n_double: int, n_single: int, h
 
     lin("x_embedder", "img_in")
     lin("context_embedder", "txt_in")
-    for theirs, ours in (("timestep_embedder", "time_in"), ("guidance_embedder", "guidance_in"),
-                         ("text_embedder", "vector_in")):
+    for theirs, ours in (
+        ("timestep_embedder", "time_in"),
+        ("guidance_embedder", "guidance_in"),
+        ("text_embedder", "vector_in"),
+    ):
         if f"{ours}.in_layer.weight" in sd:
             lin(f"time_text_embed.{theirs}.linear_1", f"{ours}.in_layer")
             lin(f"time_text_embed.{theirs}.linear_2", f"{ours}.out_layer")
@@ -47,7 +52,10 @@ def flux_bfl_to_diffusers(sd: dict[str, Tensor], n_double: int, n_single: int, h
         b, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
         lin(f"{t}.norm1.linear", f"{b}.img_mod.lin")
         lin(f"{t}.norm1_context.linear", f"{b}.txt_mod.lin")
-        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+        for stream, names in (
+            ("img", ("to_q", "to_k", "to_v")),
+            ("txt", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        ):
             for part in ("weight", "bias"):
                 for name, chunk in zip(names, sd[f"{b}.{stream}_attn.qkv.{part}"].chunk(3, 0)):
                     out[f"{t}.attn.{name}.{part}"] = chunk
@@ -81,18 +89,41 @@ def flux_bfl_to_diffusers(sd: dict[str, Tensor], n_double: int, n_single: int, h
 
 def tiny_flux_kwargs(**over) -> dict:
     """diffusers FluxTransformer2DModel kwargs of a tiny random config that keeps every Kontext flag."""
-    kw = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=2, num_single_layers=2,
-              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20,
-              guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    kw = dict(
+        patch_size=1,
+        in_channels=16,
+        out_channels=None,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=20,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
     kw.update(over)
     return kw
 
 
 def tiny_ae_kwargs(**over) -> dict:
     """diffusers AutoencoderKL kwargs shaped like the FLUX AE, tiny."""
-    kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-              up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 32, 64), layers_per_block=1,
-              act_fn="silu", latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.3611,
-              shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+    kw = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    )
     kw.update(over)
     return kw

@@ -1,4 +1,4 @@
-"""FLUX transformer: parity with diffusers on tiny random configs through both load paths, key layout, FLOPs."""
+"""FLUX transformer: diffusers parity on tiny random configs (both load paths), key layout, FLOPs."""
 
 import json
 from pathlib import Path
@@ -24,24 +24,48 @@ def _inputs(cfg: FluxConfig, target=(4, 6), ref=(3, 5), batch=2, txt_len=7, seed
     img = torch.randn(batch, n_t + n_r, cfg.in_channels, generator=g)
     ids = torch.cat([grid_ids(target), grid_ids(ref, axis0=1.0)])
     return dict(
-        img=img, img_ids=ids[None].expand(batch, -1, -1), txt=torch.randn(batch, txt_len, cfg.context_in_dim, generator=g),
-        txt_ids=torch.zeros(batch, txt_len, 3), timesteps=torch.tensor([0.7, 0.25])[:batch],
-        y=torch.randn(batch, cfg.vec_in_dim, generator=g), guidance=torch.tensor([2.5, 4.0])[:batch],
+        img=img,
+        img_ids=ids[None].expand(batch, -1, -1),
+        txt=torch.randn(batch, txt_len, cfg.context_in_dim, generator=g),
+        txt_ids=torch.zeros(batch, txt_len, 3),
+        timesteps=torch.tensor([0.7, 0.25])[:batch],
+        y=torch.randn(batch, cfg.vec_in_dim, generator=g),
+        guidance=torch.tensor([2.5, 4.0])[:batch],
     )
 
 
 def _diffusers_out(ref: FluxTransformer2DModel, a: dict) -> torch.Tensor:
     outs = []
     for i in range(a["img"].shape[0]):  # diffusers takes 2-D ids, so run the samples one by one
-        outs.append(ref(hidden_states=a["img"][i : i + 1], encoder_hidden_states=a["txt"][i : i + 1],
-                        pooled_projections=a["y"][i : i + 1], timestep=a["timesteps"][i : i + 1],
-                        guidance=a["guidance"][i : i + 1], img_ids=a["img_ids"][i], txt_ids=a["txt_ids"][i],
-                        return_dict=False)[0])
+        outs.append(
+            ref(
+                hidden_states=a["img"][i : i + 1],
+                encoder_hidden_states=a["txt"][i : i + 1],
+                pooled_projections=a["y"][i : i + 1],
+                timestep=a["timesteps"][i : i + 1],
+                guidance=a["guidance"][i : i + 1],
+                img_ids=a["img_ids"][i],
+                txt_ids=a["txt_ids"][i],
+                return_dict=False,
+            )[0]
+        )
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(num_layers=1, num_single_layers=3, attention_head_dim=8, num_attention_heads=4,
-                                        axes_dims_rope=(2, 2, 4), joint_attention_dim=12)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(
+            num_layers=1,
+            num_single_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            axes_dims_rope=(2, 2, 4),
+            joint_attention_dim=12,
+        ),
+    ],
+)
 @torch.no_grad()
 def test_parity_diffusers_folder(tmp_path, kw):
     ref = randomize_(FluxTransformer2DModel(**tiny_flux_kwargs(**kw)).eval(), seed=3)
@@ -61,13 +85,17 @@ def test_parity_bfl_file(tmp_path):
     save_file(sd, tmp_path / "flux1-tiny.safetensors")
     ours = load_flux(tmp_path / "flux1-tiny.safetensors", config=cfg)
     ref = FluxTransformer2DModel(**tiny_flux_kwargs()).eval()
-    ref.load_state_dict(flux_bfl_to_diffusers(sd, cfg.depth, cfg.depth_single_blocks, cfg.hidden_size), strict=True)
+    ref.load_state_dict(
+        flux_bfl_to_diffusers(sd, cfg.depth, cfg.depth_single_blocks, cfg.hidden_size), strict=True
+    )
     a = _inputs(cfg)
     assert max_rel_err(ours(**a), _diffusers_out(ref, a)) <= TOL
     # a repo root holding the BFL file, and a ComfyUI-style prefix, load the same tensors
     assert torch.equal(load_flux(tmp_path, config=cfg).img_in.weight, ours.img_in.weight)
     save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, tmp_path / "prefixed.safetensors")
-    assert torch.equal(load_flux(tmp_path / "prefixed.safetensors", config=cfg).txt_in.weight, ours.txt_in.weight)
+    assert torch.equal(
+        load_flux(tmp_path / "prefixed.safetensors", config=cfg).txt_in.weight, ours.txt_in.weight
+    )
 
 
 @torch.no_grad()
@@ -89,7 +117,9 @@ def test_bfl_config_inference_and_errors(tmp_path):
     with pytest.raises(ValueError, match="head dim 16; pass config="):
         load_flux(tmp_path / "flux1-tiny.safetensors")
     wrong = FluxConfig(**{**FLUX_TINY.__dict__, "depth": 3})
-    with pytest.raises(CheckpointError, match=r"(?s)flux1-tiny.safetensors does not match.*24 missing: double_blocks\.2\."):
+    with pytest.raises(
+        CheckpointError, match=r"(?s)flux1-tiny.safetensors does not match.*24 missing: double_blocks\.2\."
+    ):
         load_flux(tmp_path / "flux1-tiny.safetensors", config=wrong)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no FLUX transformer"):
@@ -110,7 +140,7 @@ def test_bad_forward_inputs():
 
 
 def test_full_size_keys_match_official():
-    """The kontext-dev preset on meta has exactly the official tensors (diffusers' names via the spec table)."""
+    """The kontext-dev preset on meta has exactly the official tensors (via the spec key table)."""
     cfg = FLUX_KONTEXT_DEV
     m = build_on_meta(lambda: Flux(cfg))
     ours = flux_bfl_to_diffusers(m.state_dict(), cfg.depth, cfg.depth_single_blocks, cfg.hidden_size)
@@ -138,9 +168,15 @@ def _count_on_meta(cfg: FluxConfig, n_img: int, n_txt: int, batch: int) -> int:
     kernel and would silently skip attention)."""
     m = build_on_meta(lambda: Flux(cfg))
     with torch.device("meta"):
-        a = dict(img=torch.empty(batch, n_img, cfg.in_channels), img_ids=torch.empty(batch, n_img, 3),
-                 txt=torch.empty(batch, n_txt, cfg.context_in_dim), txt_ids=torch.empty(batch, n_txt, 3),
-                 timesteps=torch.empty(batch), y=torch.empty(batch, cfg.vec_in_dim), guidance=torch.empty(batch))
+        a = dict(
+            img=torch.empty(batch, n_img, cfg.in_channels),
+            img_ids=torch.empty(batch, n_img, 3),
+            txt=torch.empty(batch, n_txt, cfg.context_in_dim),
+            txt_ids=torch.empty(batch, n_txt, 3),
+            timesteps=torch.empty(batch),
+            y=torch.empty(batch, cfg.vec_in_dim),
+            guidance=torch.empty(batch),
+        )
     fc = FlopCounterMode(display=False)
     with fc, torch.no_grad():
         m(**a)

@@ -18,10 +18,14 @@ TOL = 1e-5
 
 def _reference_outputs(ref: AutoencoderKL, image, z):
     taps = {}
-    hooks = [getattr(ref.decoder, name).register_forward_hook(lambda m, i, o, n=key: taps.__setitem__(n, o))
-             for name, key in (("conv_in", "conv_in"), ("mid_block", "mid"))]
-    hooks += [blk.register_forward_hook(lambda m, i, o, n=f"up{k}": taps.__setitem__(n, o))
-              for k, blk in enumerate(ref.decoder.up_blocks)]
+    hooks = [
+        getattr(ref.decoder, name).register_forward_hook(lambda m, i, o, n=key: taps.__setitem__(n, o))
+        for name, key in (("conv_in", "conv_in"), ("mid_block", "mid"))
+    ]
+    hooks += [
+        blk.register_forward_hook(lambda m, i, o, n=f"up{k}": taps.__setitem__(n, o))
+        for k, blk in enumerate(ref.decoder.up_blocks)
+    ]
     cfg = ref.config
     mean = ref.encode(image).latent_dist.mode()
     decoded = ref.decode(z / cfg.scaling_factor + cfg.shift_factor).sample
@@ -33,7 +37,9 @@ def _reference_outputs(ref: AutoencoderKL, image, z):
 def _check(ours: AutoEncoder, ref: AutoencoderKL, hw=(32, 48), batch=2):
     g = torch.Generator().manual_seed(11)
     image = torch.rand(batch, 3, *hw, generator=g) * 2 - 1
-    z = torch.randn(batch, ours.config.z_channels, hw[0] // ours.config.factor, hw[1] // ours.config.factor, generator=g)
+    z = torch.randn(
+        batch, ours.config.z_channels, hw[0] // ours.config.factor, hw[1] // ours.config.factor, generator=g
+    )
     ref_latent, ref_image, ref_taps = _reference_outputs(ref, image, z)
     assert max_rel_err(ours.encode(image), ref_latent) <= TOL
     assert max_rel_err(ours.decode(z), ref_image) <= TOL
@@ -42,16 +48,28 @@ def _check(ours: AutoEncoder, ref: AutoencoderKL, hw=(32, 48), batch=2):
         assert max_rel_err(feats[name], ref_feat) <= TOL, name
 
 
-@pytest.mark.parametrize("kw", [{}, dict(block_out_channels=(16, 32), layers_per_block=2, latent_channels=3,
-                                        down_block_types=("DownEncoderBlock2D",) * 2,
-                                        up_block_types=("UpDecoderBlock2D",) * 2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(
+            block_out_channels=(16, 32),
+            layers_per_block=2,
+            latent_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+        ),
+    ],
+)
 @torch.no_grad()
 def test_parity_diffusers_folder(tmp_path, kw):
     ref = randomize_(AutoencoderKL(**tiny_ae_kwargs(**kw)).eval(), seed=7)
     ref.save_pretrained(tmp_path / "vae")
     ours = load_flux_ae(tmp_path / "vae")
     _check(ours, ref, hw=(24, 40))
-    assert torch.equal(load_flux_ae(tmp_path).decoder.conv_in.weight, ours.decoder.conv_in.weight)  # repo root
+    assert torch.equal(
+        load_flux_ae(tmp_path).decoder.conv_in.weight, ours.decoder.conv_in.weight
+    )  # repo root
 
 
 @torch.no_grad()
@@ -72,7 +90,9 @@ def test_config_inference_from_bfl(tmp_path):
 
 
 def test_full_size_keys_match_official():
-    fixture = json.loads((Path(__file__).parent.parent / "fixtures" / "official_keys.json").read_text())["flux-vae"]
+    fixture = json.loads((Path(__file__).parent.parent / "fixtures" / "official_keys.json").read_text())[
+        "flux-vae"
+    ]
     ours = build_on_meta(lambda: AutoEncoder(FLUX_AE)).state_dict()
     converted = convert_ldm_vae_checkpoint(ours, fixture["config"])
     assert {k: list(v.shape) for k, v in converted.items()} == fixture["keys"]
