@@ -39,7 +39,9 @@ QWEN_SCHEDULE = ShiftSchedule(
 
 def time_shift(sigmas: Tensor, mu: float) -> Tensor:
     """Exponential time shift e^mu / (e^mu + 1/sigma - 1); maps 1 -> 1 and pushes mass toward noise."""
-    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    # a tensor numerator: torch computes ``python_scalar / tensor`` as reciprocal * scalar (two roundings)
+    e = torch.full_like(sigmas, math.exp(mu))
+    return e / (e + (1 / sigmas - 1))
 
 
 def flow_sigmas(num_steps: int, seq_len: int, schedule: ShiftSchedule = FLUX_SCHEDULE) -> Tensor:
