@@ -1,0 +1,1 @@
+"""SpecEdit: training-free speculative, mixed-resolution acceleration of diffusion image editing."""
