@@ -71,11 +71,21 @@ def main() -> None:
 
     cfg_json = json.dumps({**cfg.__dict__, "axes_dim": list(cfg.axes_dim)})
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), cfg_json, a.dtype], capture_output=True,
-                         text=True, env=env, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), cfg_json, a.dtype],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     r = json.loads(out.stdout)
-    r.update(file_mb=size_mb, write_s=t_write, dtype=a.dtype, blocks=f"{cfg.depth}+{cfg.depth_single_blocks}",
-             peak_over_file=r["peak_rss_added_mb"] / size_mb)  # fmt: skip
+    r.update(
+        file_mb=size_mb,
+        write_s=t_write,
+        dtype=a.dtype,
+        blocks=f"{cfg.depth}+{cfg.depth_single_blocks}",
+        peak_over_file=r["peak_rss_added_mb"] / size_mb,
+    )
     print(json.dumps(r, indent=1))
     if not a.dir:
         path.unlink()

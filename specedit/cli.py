@@ -16,10 +16,23 @@ from specedit import costs
 def _flops(a: argparse.Namespace) -> dict:
     if a.model != "flux-kontext-dev":
         raise SystemExit(f"specedit flops: unknown --model {a.model!r}")
-    out = costs.flux_kontext_baseline(a.height, a.width, a.ref_height or a.height, a.ref_width or a.width,
-                                      a.text_tokens, a.steps, measure=not a.analytic)  # fmt: skip
+    out = costs.flux_kontext_baseline(
+        a.height,
+        a.width,
+        a.ref_height or a.height,
+        a.ref_width or a.width,
+        a.text_tokens,
+        a.steps,
+        measure=not a.analytic,
+    )
     paper_setting = (a.height, a.width, out["ref_height"], out["ref_width"], a.text_tokens, a.steps) == (
-        1024, 1024, 1024, 1024, 512, 50)  # fmt: skip
+        1024,
+        1024,
+        1024,
+        1024,
+        512,
+        50,
+    )
     if paper_setting:
         out.update(costs.paper_comparison(a.model, out["tflops_total"]))
     return out

@@ -55,10 +55,14 @@ def flux_kontext_forward_flops(
         model = build_on_meta(lambda: flux.Flux(cfg))
         with torch.device("meta"):
             args = dict(
-                img=torch.empty(1, n, cfg.in_channels), img_ids=torch.empty(1, n, 3),
-                txt=torch.empty(1, text_tokens, cfg.context_in_dim), txt_ids=torch.empty(1, text_tokens, 3),
-                timesteps=torch.empty(1), y=torch.empty(1, cfg.vec_in_dim), guidance=torch.empty(1),
-            )  # fmt: skip
+                img=torch.empty(1, n, cfg.in_channels),
+                img_ids=torch.empty(1, n, 3),
+                txt=torch.empty(1, text_tokens, cfg.context_in_dim),
+                txt_ids=torch.empty(1, text_tokens, 3),
+                timesteps=torch.empty(1),
+                y=torch.empty(1, cfg.vec_in_dim),
+                guidance=torch.empty(1),
+            )
         out["measured"] = count_on_meta(lambda: model(**args))
     return out
 
@@ -88,8 +92,12 @@ def flux_kontext_baseline(
     total = steps * per_forward / T + sum(one_off.values())
     result = {
         "model": "flux-kontext-dev",
-        "height": height, "width": width, "ref_height": ref_height, "ref_width": ref_width,
-        "text_tokens": text_tokens, "steps": steps,
+        "height": height,
+        "width": width,
+        "ref_height": ref_height,
+        "ref_width": ref_width,
+        "text_tokens": text_tokens,
+        "steps": steps,
         "tokens": {"target": n_tgt, "reference": n_ref, "text": text_tokens},
         "forwards_per_step": 1,  # guidance distilled: no CFG branch
         "tflops_per_forward": per_forward / T,
@@ -97,7 +105,7 @@ def flux_kontext_baseline(
         "tflops_transformer": steps * per_forward / T,
         "one_off_tflops": one_off,
         "tflops_total": total,
-    }  # fmt: skip
+    }
     return result
 
 

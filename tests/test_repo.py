@@ -6,8 +6,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # which of our packages each package may import
-ALLOWED = {"models": {"models"}, "samplers": {"samplers", "models"}, "verify": {"verify", "models"},
-           "specedit": {"specedit", "models", "samplers", "verify"}}  # fmt: skip
+ALLOWED = {
+    "models": {"models"},
+    "samplers": {"samplers", "models"},
+    "verify": {"verify", "models"},
+    "specedit": {"specedit", "models", "samplers", "verify"},
+}
 
 
 def _readme_commands() -> list[str]:

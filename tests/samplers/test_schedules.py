@@ -10,10 +10,14 @@ from samplers import FLUX_SCHEDULE, QWEN_SCHEDULE, ShiftSchedule, flow_sigmas, s
 
 def _diffusers_sigmas(schedule: ShiftSchedule, steps: int, seq_len: int) -> torch.Tensor:
     s = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=schedule.base_seq_len, max_image_seq_len=schedule.max_seq_len,
-        base_shift=schedule.base_shift, max_shift=schedule.max_shift, shift_terminal=schedule.shift_terminal,
-        use_dynamic_shifting=True, time_shift_type="exponential",
-    )  # fmt: skip
+        base_image_seq_len=schedule.base_seq_len,
+        max_image_seq_len=schedule.max_seq_len,
+        base_shift=schedule.base_shift,
+        max_shift=schedule.max_shift,
+        shift_terminal=schedule.shift_terminal,
+        use_dynamic_shifting=True,
+        time_shift_type="exponential",
+    )
     # the pipelines pass sigmas = linspace(1, 1/N, N) and mu from the target token count
     s.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=schedule.mu(seq_len))
     return s.sigmas

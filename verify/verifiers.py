@@ -1,0 +1,208 @@
+"""Verifiers: which coarse token cells to compute at full resolution.
+
+Every verifier has one verb, ``verify(editor, candidate) -> Verdict``. ``candidate`` is a clean latent of the
+edit at any resolution (SpecEdit's 16x draft, or the coarse stage-1 estimate for the ablations and the
+baselines); ``editor`` supplies the source latent (``source``), the coarse grid (``grid`` halved) and, where
+needed, decoder features (``features(latent, taps)``) and decoding (``decode(latent)``). A verdict's ``events``
+list the VAE work done, for cost accounting.
+
+Shape legend: b batch, c latent channels, H W latent pixels, hc wc coarse token cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from verify.canny import canny
+from verify.discrepancy import dilate, feature_distance, normalize_scores, pool_scores
+
+
+@dataclass
+class Verdict:
+    """mask: (b, hc, wc) cells to expand (T_exp); edit: the semantic part (T_edit) before the uniform union;
+    score: (b, hc, wc) per-cell score; events: VAE work done, e.g. {"kind": "features", "size": (H, W)}."""
+
+    mask: Tensor
+    edit: Tensor | None = None
+    score: Tensor | None = None
+    events: list[dict] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        """Expanded fraction of the coarse cells (first sample)."""
+        return float(self.mask[0].float().mean())
+
+
+def coarse_grid(editor) -> tuple[int, int]:
+    h, w = editor.grid
+    return h // 2, w // 2
+
+
+def uniform_cells(grid: tuple[int, int], k: int | None, batch: int, device) -> Tensor:
+    """(b, hc, wc) uniform set {i mod k = 0, j mod k = 0}; all False when k is None."""
+    mask = torch.zeros(grid, dtype=torch.bool)
+    if k is not None:
+        if k < 1:
+            raise ValueError(f"uniform stride k must be >= 1 or None, got {k}")
+        mask = (torch.arange(grid[0])[:, None] % k == 0) & (torch.arange(grid[1])[None] % k == 0)
+    return mask.to(device).expand(batch, -1, -1)
+
+
+def _upsample(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    if mode == "bilinear":
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {mode!r}")
+
+
+@dataclass(frozen=True)
+class FeatureVerifier:
+    """SpecEdit's verifier: decoder-feature discrepancy (Eq. 6) of the candidate against the source.
+
+    tau: threshold on the (normalised) cell score. taps: decoder feature maps compared. score_norm: "none"
+    (raw [0, 4] scale), "minmax" or "max". upsample: how the candidate reaches the source resolution.
+    reference: "full" compares with the source itself; "roundtrip" with the source downsampled to the
+    candidate's size and upsampled back, which cancels the pure loss of resolution. pool: "mean" or "max"
+    over each coarse cell's latent pixels. dilation: grow the edit set by this many cells.
+    uniform: stride k of the uniform set joined to the edit set (None: semantic set only). semantic: False
+    drops the edit set (uniform-only ablation; then no candidate is needed).
+    """
+
+    tau: float = 0.75
+    taps: tuple[str, ...] = ("conv_in", "mid", "up0")
+    score_norm: str = "none"
+    upsample: str = "bilinear"
+    reference: str = "full"
+    pool: str = "mean"
+    dilation: int = 0
+    uniform: int | None = 3
+    semantic: bool = True
+
+    def __post_init__(self):
+        if self.reference not in ("full", "roundtrip"):
+            raise ValueError(f"reference must be 'full' or 'roundtrip', got {self.reference!r}")
+        normalize_scores(torch.zeros(1, 1, 1), self.score_norm)  # validates the mode
+
+    @property
+    def needs_candidate(self) -> bool:
+        return self.semantic
+
+    def verify(self, editor, candidate: Tensor | None) -> Verdict:
+        source = editor.source
+        grid = coarse_grid(editor)
+        uniform = uniform_cells(grid, self.uniform, source.shape[0], source.device)
+        if not self.semantic:
+            return Verdict(mask=uniform.clone(), edit=torch.zeros_like(uniform))
+        if candidate is None:
+            raise ValueError(
+                "FeatureVerifier(semantic=True) needs a candidate latent (a draft or an estimate)"
+            )
+        size = tuple(source.shape[-2:])
+        up = _upsample(candidate.to(source), size, self.upsample)
+        ref = source
+        if self.reference == "roundtrip":
+            down = F.adaptive_avg_pool2d(source, tuple(candidate.shape[-2:]))
+            ref = _upsample(down, size, self.upsample)
+        feats = editor.features(torch.cat([up, ref]), self.taps)
+        b = source.shape[0]
+        score = feature_distance(
+            {k: v[:b] for k, v in feats.items()}, {k: v[b:] for k, v in feats.items()}, size
+        )
+        cells = normalize_scores(pool_scores(score, grid, self.pool), self.score_norm)
+        edit = dilate(cells > self.tau, self.dilation)
+        events = [{"kind": "features", "size": size, "taps": self.taps, "count": 2 * b}]
+        return Verdict(mask=edit | uniform, edit=edit, score=cells, events=events)
+
+
+@dataclass(frozen=True)
+class FixedVerifier:
+    """Expand everything (``expand=True``) or nothing: the degenerate ends used by invariants and ablations."""
+
+    expand: bool = True
+
+    needs_candidate = False
+
+    def verify(self, editor, candidate: Tensor | None) -> Verdict:
+        grid = coarse_grid(editor)
+        mask = torch.full((editor.source.shape[0], *grid), self.expand, dtype=torch.bool)
+        return Verdict(mask=mask.to(editor.source.device), edit=mask.clone())
+
+
+@dataclass(frozen=True)
+class CannyVerifier:
+    """RALU's region selection: Canny edges on a half-resolution decode of the coarse estimate, top-k cells.
+
+    The candidate (the coarse stage-1 estimate) is decoded as is, i.e. at half resolution. Gray is computed on
+    the [-1, 1] decode without rescaling, then clipped to [0, 1] and scaled to 0..255 (RALU's quirk: everything
+    below mid-grey is black). Edge pixels are counted per coarse cell; ``up_ratio`` of the cells with the most
+    edges are expanded (ties broken by a tiny seeded jitter).
+    """
+
+    up_ratio: float = 0.3
+    low: float = 100.0
+    high: float = 200.0
+
+    needs_candidate = True
+
+    def verify(self, editor, candidate: Tensor | None) -> Verdict:
+        if candidate is None:
+            raise ValueError("CannyVerifier needs the coarse stage-1 estimate")
+        image = editor.decode(candidate)
+        r, g, b_ = image.float().unbind(1)
+        gray = ((0.299 * r + 0.587 * g + 0.114 * b_).clamp(0, 1) * 255).round()
+        edges = canny(gray, self.low, self.high).float()
+        grid = coarse_grid(editor)
+        counts = (
+            pool_scores(edges, grid, "mean") * (edges.shape[-2] // grid[0]) * (edges.shape[-1] // grid[1])
+        )
+        jitter = torch.randn(counts.shape, generator=torch.Generator().manual_seed(0)).to(counts) * 1e-3
+        flat = (counts + jitter).flatten(1)
+        k = int(flat.shape[1] * self.up_ratio)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask.scatter_(1, flat.topk(k, dim=1).indices, True)
+        mask = mask.view_as(counts)
+        events = [{"kind": "decode", "size": tuple(candidate.shape[-2:]), "count": candidate.shape[0]}]
+        return Verdict(mask=mask, edit=mask.clone(), score=counts, events=events)
+
+
+@dataclass(frozen=True)
+class VarianceVerifier:
+    """Fresco-style selection by a per-cell variance of the coarse estimate.
+
+    stat: "channel" (variance over the 64 packed channels of each coarse token; the same lab's later papers
+    describe Fresco this way) or "spatial" (variance over the cell's latent pixels, channel-averaged).
+    order: "high_first" expands the highest-variance cells, "low_first" the lowest. fraction: share of cells.
+    """
+
+    fraction: float = 0.3
+    stat: str = "channel"
+    order: str = "high_first"
+
+    needs_candidate = True
+
+    def verify(self, editor, candidate: Tensor | None) -> Verdict:
+        if candidate is None:
+            raise ValueError("VarianceVerifier needs the coarse stage-1 estimate")
+        grid = coarse_grid(editor)
+        b, c, H, W = candidate.shape
+        ph, pw = H // grid[0], W // grid[1]
+        cells = candidate.float().view(b, c, grid[0], ph, grid[1], pw)
+        if self.stat == "channel":
+            score = cells.permute(0, 2, 4, 1, 3, 5).flatten(3).var(-1)
+        elif self.stat == "spatial":
+            score = cells.permute(0, 2, 4, 1, 3, 5).flatten(4).var(-1).mean(-1)
+        else:
+            raise ValueError(f"stat must be 'channel' or 'spatial', got {self.stat!r}")
+        flat = score.flatten(1) * (1 if self.order == "high_first" else -1)
+        k = int(flat.shape[1] * self.fraction)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask.scatter_(1, flat.topk(k, dim=1).indices, True)
+        mask = mask.view(b, *grid)
+        return Verdict(mask=mask, edit=mask.clone(), score=score)
