@@ -56,6 +56,12 @@ def area_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.adaptive_avg_pool2d(x, size)
 
 
+def _window_lengths(n_in: int, n_out: int) -> Tensor:
+    """Window length of each output of ``adaptive_avg_pool`` along one axis."""
+    i = torch.arange(n_out)
+    return ((i + 1) * n_in + n_out - 1) // n_out - (i * n_in) // n_out
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseField:
     """A full-resolution noise latent E and the noise every other resolution reads from it.
@@ -77,7 +83,7 @@ class NoiseField:
         """Unit-variance noise at latent size ``size`` bound to the same coordinates.
 
         Power-of-two reductions are repeated Haar DCs (exactly consistent with :func:`ihaar` expansion);
-        other sizes use area means rescaled by the square root of the window area.
+        other sizes use area means, each rescaled by the square root of its window area.
         """
         x = self.fine
         H, W = x.shape[-2:]
@@ -90,7 +96,9 @@ class NoiseField:
             x, H, W = dc(x), H // 2, W // 2
         if (h, w) == (H, W):
             return x
-        return area_resize(x, size) * ((H * W) / (h * w)) ** 0.5
+        # adaptive windows differ in size (and may overlap): scale each output by sqrt(its window area)
+        area = _window_lengths(H, h)[:, None] * _window_lengths(W, w)[None]
+        return area_resize(x, size) * area.to(x).sqrt()
 
     def generator(self, salt: int) -> torch.Generator:
         """A CPU generator for extra noise, derived from the field's seed and ``salt``."""
