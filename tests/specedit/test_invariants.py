@@ -16,9 +16,11 @@ from specedit.presets import methods
 from specedit.protocols import (
     Drafter,
     Editor,
-    MixedResSampler as MixedResSamplerProtocol,
     TokenExpander,
     Verifier,
+)
+from specedit.protocols import (
+    MixedResSampler as MixedResSamplerProtocol,
 )
 from verify.verifiers import CannyVerifier, FeatureVerifier, FixedVerifier, VarianceVerifier
 
