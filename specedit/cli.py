@@ -53,10 +53,91 @@ def _add_flops(sub) -> None:
     p.set_defaults(run=_flops)
 
 
+def _bench(a: argparse.Namespace) -> None:
+    from specedit import bench
+
+    names = [n.strip() for n in a.methods.split(",") if n.strip()]
+    family = {"flux-kontext-dev": "flux"}[a.model]
+    from specedit.presets import methods
+
+    unknown = [n for n in names if n not in methods(family)]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(methods(family))}")
+    if a.meta:
+        rows = bench.meta_rows(
+            names, height=a.height, width=a.width, expand_fraction=a.expand_fraction, family=family
+        )
+    else:
+        import torch
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+        if not a.random_weights:
+            raise ValueError("latency needs weights: pass --random-weights (or --meta for FLOPs only)")
+        editor = bench.random_editor(
+            bench.FLUX_CONFIGS[a.config], a.height, a.width, device=a.device, dtype=dtype
+        )
+        rows = bench.latency_rows(
+            names,
+            editor,
+            expand_fraction=a.expand_fraction,
+            family=family,
+            warmup=a.warmup,
+            repeats=a.repeats,
+            peak_tflops=bench.device_peak(a.device, dtype),
+        )
+    if a.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(_table(rows))
+
+
+def _table(rows: list[dict]) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    lines = [
+        f"{'method':22s} {'NFE':>4s} {'latency (s)':>12s} {'speed':>7s} {'TFLOPs':>10s} {'speed':>7s} {'expanded':>9s}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['method']:22s} {r['nfe']:4d} {fmt(r['latency_s'], '12.3f')} "
+            f"{fmt(r['latency_speedup'], '6.2f') + 'x':>7s} {r['tflops']:10.2f} {r['flops_speedup']:6.2f}x "
+            f"{fmt(r['expanded_fraction'], '9.3f')}"
+        )
+    return "\n".join(lines)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="paper-style table: NFE, latency, TFLOPs and speedups per method")
+    p.add_argument("--model", default="flux-kontext-dev", choices=["flux-kontext-dev"])
+    p.add_argument(
+        "--methods",
+        default="baseline-50,steps-18,ralu-4x,specedit-30,specedit-18,specedit-11,specedit-9",
+        help="comma-separated method names (see specedit.presets.methods)",
+    )
+    p.add_argument("--meta", action="store_true", help="FLOPs only, full-size preset on the meta device")
+    p.add_argument(
+        "--expand-fraction",
+        type=float,
+        default=0.25,
+        help="expanded fraction of coarse cells for verifier-based methods (a fixed budget when timing)",
+    )
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--config", default="full", choices=["full", "mid", "tiny"], help="model size for latency")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--random-weights", action="store_true", help="time with random weights (no download)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per method")
+    p.set_defaults(run=_bench)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specedit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_flops(sub)
+    _add_bench(sub)
     a = parser.parse_args(argv)
     try:
         result = a.run(a)

@@ -72,7 +72,9 @@ class FeatureVerifier:
     candidate's size and upsampled back, which cancels the pure loss of resolution. pool: "mean" or "max"
     over each coarse cell's latent pixels. dilation: grow the edit set by this many cells.
     uniform: stride k of the uniform set joined to the edit set (None: semantic set only). semantic: False
-    drops the edit set (uniform-only ablation; then no candidate is needed).
+    drops the edit set (uniform-only ablation; then no candidate is needed). budget: instead of the threshold,
+    expand a fixed fraction of the cells: the uniform set first, then the highest-scoring cells (a fixed-cost
+    variant, also what benchmarks at a given expanded fraction use).
     """
 
     tau: float = 0.75
@@ -84,6 +86,7 @@ class FeatureVerifier:
     dilation: int = 0
     uniform: int | None = 3
     semantic: bool = True
+    budget: float | None = None
 
     def __post_init__(self):
         if self.reference not in ("full", "roundtrip"):
@@ -116,9 +119,25 @@ class FeatureVerifier:
             {k: v[:b] for k, v in feats.items()}, {k: v[b:] for k, v in feats.items()}, size
         )
         cells = normalize_scores(pool_scores(score, grid, self.pool), self.score_norm)
-        edit = dilate(cells > self.tau, self.dilation)
+        if self.budget is None:
+            edit = dilate(cells > self.tau, self.dilation)
+        else:
+            edit = _top_cells(cells, uniform, self.budget)
         events = [{"kind": "features", "size": size, "taps": self.taps, "count": 2 * b}]
         return Verdict(mask=edit | uniform, edit=edit, score=cells, events=events)
+
+
+def _top_cells(score: Tensor, given: Tensor, fraction: float) -> Tensor:
+    """(b, hc, wc) cells completing ``given`` to ``fraction`` of all cells, highest ``score`` first."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"budget must be a fraction in [0, 1], got {fraction}")
+    b = score.shape[0]
+    n = score[0].numel()
+    k = max(0, round(fraction * n) - int(given[0].sum()))
+    ranked = torch.where(given, torch.full_like(score, -torch.inf), score.nan_to_num(0.0)).flatten(1)
+    edit = torch.zeros(b, n, dtype=torch.bool, device=score.device)
+    edit.scatter_(1, ranked.topk(k, dim=1).indices, True)
+    return edit.view_as(given)
 
 
 @dataclass(frozen=True)
