@@ -23,7 +23,7 @@ class LowResDrafter:
     factor: float = 4
     steps: int = 8
 
-    def draft(self, editor, field: NoiseField) -> Trajectory:
+    def draft(self, editor, field: NoiseField, *, progress: bool = False) -> Trajectory:
         if self.steps < 1:
             raise ValueError(f"a draft needs at least one step, got {self.steps}")
         grid = scaled_grid(editor.grid, self.factor)
@@ -31,6 +31,14 @@ class LowResDrafter:
         layout = Layout.full(grid, ref_factor=self.factor)
         sigmas = flow_sigmas(self.steps, len(layout), editor.schedule).to(noise.device)
         traj = Trajectory(latent=noise)
-        x, _ = run_stage(editor.denoiser(layout), pack(noise), sigmas, name="draft", layout=layout, traj=traj)
+        x, _ = run_stage(
+            editor.denoiser(layout),
+            pack(noise),
+            sigmas,
+            name="draft",
+            layout=layout,
+            traj=traj,
+            progress=progress,
+        )
         traj.latent = unpack(x, grid)
         return traj

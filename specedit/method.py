@@ -74,7 +74,7 @@ class SpecEdit:
         events, seconds, draft = [], {}, None
         needs = _needs_candidate(self.verifier)
         if self.drafter is not None and (needs or self.draft_reuse):
-            d = self.drafter.draft(editor, field_)
+            d = self.drafter.draft(editor, field_, progress=progress)
             draft, events, seconds = d.latent, list(d.records), dict(d.seconds)
         if not needs:
             select = self.verifier.verify(editor, None)

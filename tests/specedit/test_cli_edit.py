@@ -1,0 +1,59 @@
+"""`specedit edit` on a tiny checkpoint folder in the official layout: baseline and a SpecEdit preset."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from refs_kontext import write_tiny_kontext_repo
+
+from specedit.cli import main
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kontext")
+    return write_tiny_kontext_repo(root / "FLUX.1-Kontext-dev")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (120, 140, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["baseline", "specedit-18"])
+def test_edit_cli(repo, image, tmp_path, capsys, method):
+    out, mask = tmp_path / "out.png", tmp_path / "mask.png"
+    args = ["edit", "--weights", str(repo), "--image", str(image), "--prompt", "make the sky green", "--out",
+            str(out), "--method", method, "--steps", "4", "--height", "128", "--width", "128", "--dtype", "fp32",
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    if method != "baseline":
+        args += ["--save-mask", str(mask)]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert Image.open(out).size == (128, 128)
+    assert summary["nfe"] == (4 if method == "baseline" else 18) and summary["tflops"]["total"] > 0
+    if method != "baseline":
+        assert Image.open(mask).size == (128, 128) and 0 < summary["expanded_fraction"] <= 1
+
+
+def test_edit_cli_errors(repo, image, tmp_path, capsys):
+    base = [
+        "edit",
+        "--weights",
+        str(repo),
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "o.png"),
+        "--device",
+        "cpu",
+    ]
+    assert main([*base, "--image", str(tmp_path / "missing.png")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([*base, "--image", str(image), "--method", "specedit-99"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main([*base, "--image", str(image), "--image", str(image)]) == 2
