@@ -109,7 +109,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         n = self.norm(x)
-        q, k, v = (rearrange(m(n), "b c h w -> b 1 (h w) c") for m in (self.q, self.k, self.v))
+        # contiguous channels: otherwise SDPA falls back to the math kernel and builds the (hw)^2 matrix
+        q, k, v = (rearrange(m(n), "b c h w -> b 1 (h w) c").contiguous() for m in (self.q, self.k, self.v))
         a = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(a)
 

@@ -150,7 +150,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.to_qkv(self.norm(x)).reshape(b, 1, 3 * c, h * w).transpose(-1, -2)  # b 1 (h w) 3c
+        # contiguous channels: otherwise SDPA falls back to the math kernel and builds the (hw)^2 matrix
+        qkv = (
+            self.to_qkv(self.norm(x)).reshape(b, 1, 3 * c, h * w).transpose(-1, -2).contiguous()
+        )  # b 1 (h w) 3c
         a = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # b 1 (h w) c
         return self.proj(a.squeeze(1).transpose(1, 2).reshape(b, c, h, w)) + x
 

@@ -124,3 +124,81 @@ def _flux_text_encoder_tflops(text_tokens: int) -> dict[str, float]:
 def paper_comparison(model: str, tflops_total: float) -> dict:
     paper = PAPER_BASELINE_TFLOPS[model]
     return {"paper_tflops_total": paper, "vs_paper_pct": 100 * (tflops_total / paper - 1)}
+
+
+def qwen_edit_baseline(
+    height: int,
+    width: int,
+    ref_height: int,
+    ref_width: int,
+    text_tokens: int,
+    neg_text_tokens: int,
+    steps: int,
+    *,
+    vl_side: int = 1024,
+    measure: bool = True,
+) -> dict:
+    """Cost of a plain ``steps``-step Qwen-Image-Edit edit with true CFG (two forwards per step).
+
+    ``text_tokens`` / ``neg_text_tokens`` are the DiT text-stream lengths of the positive and negative
+    prompts after the 64-token drop; they include the Qwen2.5-VL image tokens (1369 for a 1024^2 image).
+    One-off costs: the VL encoder for both prompts (vision tower on the ``vl_side`` image, LLM on 64 + L
+    tokens), the VAE encode of the reference and the decode of the output, as the 2-D VAE we run them.
+    """
+    from models import qwen2_5_vl, qwen_image, qwen_image_vae
+    from models.qwen_processor import smart_resize
+
+    cfg = qwen_image.QWEN_IMAGE_EDIT
+    tgt, ref = grid_of(height, width), grid_of(ref_height, ref_width)
+    n = tgt[0] * tgt[1] + ref[0] * ref[1]
+    per_branch = {L: qwen_image.flops(cfg, n, L)["total"] for L in (text_tokens, neg_text_tokens)}
+    measured = None
+    if measure:
+        model = build_on_meta(lambda: qwen_image.QwenImage(cfg))
+        measured = {}
+        for L in per_branch:
+            with torch.device("meta"):
+                args = (
+                    torch.empty(1, n, cfg.in_channels),
+                    torch.empty(1, n, 3),
+                    torch.empty(1, L, cfg.joint_attention_dim),
+                    torch.empty(1, L, 3),
+                    torch.empty(1),
+                )
+            measured[L] = count_on_meta(lambda a=args: model(*a))
+    per_step = sum((measured or per_branch)[L] for L in (text_tokens, neg_text_tokens))
+    vh, vw = smart_resize(vl_side, vl_side)
+    grid_thw = [(1, vh // 14, vw // 14)]
+    vl = sum(
+        qwen2_5_vl.flops(qwen2_5_vl.QWEN25VL_7B, 64 + L, grid_thw)["total"]
+        for L in (text_tokens, neg_text_tokens)
+    )
+    vae = qwen_image_vae.QWEN_IMAGE_VAE
+    one_off = {
+        "vl_encoder_pos_neg": vl / T,
+        "vae_encode_reference": qwen_image_vae.flops(vae, ref_height, ref_width)["encode"] / T,
+        "vae_decode": qwen_image_vae.flops(vae, height, width)["decode"] / T,
+    }
+    return {
+        "model": "qwen-image-edit",
+        "height": height,
+        "width": width,
+        "ref_height": ref_height,
+        "ref_width": ref_width,
+        "text_tokens": text_tokens,
+        "neg_text_tokens": neg_text_tokens,
+        "steps": steps,
+        "tokens": {
+            "target": tgt[0] * tgt[1],
+            "reference": ref[0] * ref[1],
+            "text": text_tokens,
+            "negative_text": neg_text_tokens,
+        },
+        "forwards_per_step": 2,  # true CFG: conditional and unconditional branch
+        "tflops_per_forward": (measured or per_branch)[text_tokens] / T,
+        "tflops_per_forward_analytic": per_branch[text_tokens] / T,
+        "tflops_per_step": per_step / T,
+        "tflops_transformer": steps * per_step / T,
+        "one_off_tflops": one_off,
+        "tflops_total": steps * per_step / T + sum(one_off.values()),
+    }

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -44,6 +43,7 @@ from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule
 from specedit import presets
 from specedit.kontext import KontextEditor
 from specedit.method import Baseline, EditResult
+from specedit.viz import mask_overlay
 
 REPO_ID = "black-forest-labs/FLUX.1-Kontext-dev"
 # component -> (diffusers folder, BFL single file in the repo root that may replace it)
@@ -87,19 +87,6 @@ def edit_size(
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     snap = lambda x: max(1, int(x / multiple + 0.5)) * multiple
     return snap(width), snap(height)
-
-
-def mask_overlay(image: Image.Image, mask: Tensor, *, color=(255, 0, 0), alpha: float = 0.45) -> Image.Image:
-    """``image`` with the cells of ``mask`` (hc, wc) bool (e.g. verified tokens) tinted in ``color``."""
-    if mask.ndim == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be (hc, wc), got shape {tuple(mask.shape)}")
-    cells = Image.fromarray(mask.detach().to(torch.bool).cpu().numpy().astype(np.uint8) * 255)
-    sel = np.asarray(cells.resize(image.size, Image.Resampling.NEAREST))[..., None] > 0
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    tinted = (1 - alpha) * rgb + alpha * np.asarray(color, dtype=np.float32)
-    return Image.fromarray(np.where(sel, tinted, rgb).round().astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------- devices

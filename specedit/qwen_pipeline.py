@@ -51,9 +51,9 @@ from models.qwen_processor import (
 from samplers.mixed_res import FullResSampler
 from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule
 from specedit import presets
-from specedit.kontext_pipeline import mask_overlay
 from specedit.method import Baseline, EditResult
 from specedit.qwen import QwenEditor
+from specedit.viz import mask_overlay
 
 VARIANTS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit-plus"}
 AREA = 1024 * 1024  # VAE working area (diffusers VAE_IMAGE_SIZE)

@@ -57,3 +57,26 @@ def test_edit_cli_errors(repo, image, tmp_path, capsys):
     assert main([*base, "--image", str(image), "--method", "specedit-99"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main([*base, "--image", str(image), "--image", str(image)]) == 2
+
+
+@pytest.fixture(scope="module")
+def qwen_repo(tmp_path_factory):
+    from refs_qwen_repo import write_qwen_edit_repo
+
+    root = tmp_path_factory.mktemp("qwen") / "Qwen-Image-Edit-2509"
+    write_qwen_edit_repo(root, plus=True)
+    return root
+
+
+@pytest.mark.parametrize("method", ["baseline", "specedit-18"])
+def test_edit_cli_qwen(qwen_repo, image, tmp_path, capsys, method):
+    out = tmp_path / "out.png"
+    args = ["edit", "--model", "qwen-image-edit-2509", "--weights", str(qwen_repo), "--image", str(image), "--image",
+            str(image), "--prompt", "make the sky green", "--out", str(out), "--method", method, "--steps", "3",
+            "--height", "128", "--width", "128", "--area", str(128 * 128), "--dtype", "fp32", "--device", "cpu",
+            "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert Image.open(out).size == (128, 128)
+    assert summary["nfe"] == (3 if method == "baseline" else 18)
+    assert (method == "baseline") == ("expanded_fraction" not in summary)

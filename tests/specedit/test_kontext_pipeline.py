@@ -18,8 +18,9 @@ from models.packing import pack
 from samplers.field import NoiseField
 from samplers.mixed_res import FullResSampler
 from samplers.schedules import FLUX_SCHEDULE
-from specedit.kontext_pipeline import KontextOutput, KontextPipeline, borrowed, edit_size, mask_overlay
+from specedit.kontext_pipeline import KontextOutput, KontextPipeline, borrowed, edit_size
 from specedit.method import Baseline
+from specedit.viz import mask_overlay
 
 TOL = 1e-5
 PROMPT = "make the sky purple and add three balloons"
