@@ -83,11 +83,29 @@ def planned_fraction(method, fraction: float, grid: tuple[int, int]) -> float | 
     return fraction
 
 
+def meta_costs(family: str, grid: tuple[int, int], text_tokens: int | None = None, ref_grid=None):
+    """Full-size cost model of a family: FLUX.1-Kontext-dev (512 T5 tokens) or Qwen-Image-Edit (true CFG, 1400
+    text tokens per branch incl. the VL image tokens, one reference of the target's size)."""
+    if family == "flux":
+        cfg = FLUX_CONFIGS["full"]
+        return KontextCosts(cfg.model, cfg.ae, text_tokens or cfg.text_tokens, grid)
+    if family == "qwen":
+        from models import qwen_image, qwen_image_vae
+        from specedit.qwen import QwenCosts
+
+        n = text_tokens or 1400
+        return QwenCosts(
+            qwen_image.QWEN_IMAGE_EDIT, qwen_image_vae.QWEN_IMAGE_VAE, n, n, grid, (ref_grid or grid,)
+        )
+    raise ValueError(f"unknown family {family!r}")
+
+
 def meta_rows(names: list[str], *, height: int, width: int, expand_fraction: float, family: str = "flux",
-              config: BenchConfig = FLUX_CONFIGS["full"]) -> list[dict]:  # fmt: skip
-    """FLOPs of each method at full size, counted from its plan (no weights, no run)."""
+              text_tokens: int | None = None, ref_size: tuple[int, int] | None = None) -> list[dict]:  # fmt: skip
+    """FLOPs of each method at full size, counted from its plan (no weights, no run). ``ref_size`` (Qwen only):
+    the reference's pixel size when it differs from the target's."""
     grid = grid_of(height, width)
-    costs = KontextCosts(config.model, config.ae, config.text_tokens, grid)
+    costs = meta_costs(family, grid, text_tokens, grid_of(*ref_size) if ref_size else None)
     table = methods(family)
     rows = []
     base = _plan_tflops(table["baseline-50"], grid, 0, costs)
@@ -103,7 +121,7 @@ def meta_rows(names: list[str], *, height: int, width: int, expand_fraction: flo
     return rows
 
 
-def _plan_tflops(method, grid, n_exp: int, costs: KontextCosts) -> float:
+def _plan_tflops(method, grid, n_exp: int, costs) -> float:
     return sum(costs.cost(e) for e in method.events(grid, n_exp)) / T
 
 

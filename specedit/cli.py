@@ -98,15 +98,23 @@ def _bench(a: argparse.Namespace) -> None:
     from specedit import bench
 
     names = [n.strip() for n in a.methods.split(",") if n.strip()]
-    family = {"flux-kontext-dev": "flux"}[a.model]
+    family = {"flux-kontext-dev": "flux", "qwen-image-edit": "qwen"}[a.model]
     from specedit.presets import methods
 
     unknown = [n for n in names if n not in methods(family)]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(methods(family))}")
+    if family == "qwen" and not a.meta:
+        raise ValueError("qwen-image-edit latency benchmarks are not wired to random weights yet; use --meta")
     if a.meta:
+        ref = (a.ref_height or a.height, a.ref_width or a.width)
         rows = bench.meta_rows(
-            names, height=a.height, width=a.width, expand_fraction=a.expand_fraction, family=family
+            names,
+            height=a.height,
+            width=a.width,
+            expand_fraction=a.expand_fraction,
+            family=family,
+            ref_size=ref if ref != (a.height, a.width) else None,
         )
     else:
         import torch
@@ -134,14 +142,14 @@ def _bench(a: argparse.Namespace) -> None:
 
 
 def _table(rows: list[dict]) -> str:
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    fmt = lambda v, spec, unit="": "-" if v is None else format(v, spec) + unit
     lines = [
         f"{'method':22s} {'NFE':>4s} {'latency (s)':>12s} {'speed':>7s} {'TFLOPs':>10s} {'speed':>7s} {'expanded':>9s}"
     ]
     for r in rows:
         lines.append(
             f"{r['method']:22s} {r['nfe']:4d} {fmt(r['latency_s'], '12.3f')} "
-            f"{fmt(r['latency_speedup'], '6.2f') + 'x':>7s} {r['tflops']:10.2f} {r['flops_speedup']:6.2f}x "
+            f"{fmt(r['latency_speedup'], '6.2f', 'x'):>7s} {r['tflops']:10.2f} {r['flops_speedup']:6.2f}x "
             f"{fmt(r['expanded_fraction'], '9.3f')}"
         )
     return "\n".join(lines)
@@ -149,7 +157,7 @@ def _table(rows: list[dict]) -> str:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="paper-style table: NFE, latency, TFLOPs and speedups per method")
-    p.add_argument("--model", default="flux-kontext-dev", choices=["flux-kontext-dev"])
+    p.add_argument("--model", default="flux-kontext-dev", choices=["flux-kontext-dev", "qwen-image-edit"])
     p.add_argument(
         "--methods",
         default="baseline-50,steps-18,ralu-4x,specedit-30,specedit-18,specedit-11,specedit-9",
@@ -164,6 +172,12 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
+    p.add_argument(
+        "--ref-height", type=int, default=None, help="Qwen --meta: reference height (default: --height)"
+    )
+    p.add_argument(
+        "--ref-width", type=int, default=None, help="Qwen --meta: reference width (default: --width)"
+    )
     p.add_argument("--config", default="full", choices=["full", "mid", "tiny"], help="model size for latency")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])

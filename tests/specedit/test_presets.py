@@ -62,3 +62,14 @@ def test_bench_latency_runs_on_a_tiny_config(capsys):
 
 def test_every_named_method_exists_for_both_families():
     assert set(methods("flux")) == set(methods("qwen"))
+
+
+def test_qwen_meta_speedups_near_the_paper_at_its_setting():
+    """At the paper's apparent Qwen setting (about 1328^2 output, 1024^2 reference, ~1.4k text tokens with CFG)
+    the 30/18/11-NFE FLOPs speedups land within 10 % of the paper's 3.27/5.40/7.07."""
+    names = ["specedit-30", "specedit-18", "specedit-11"]
+    rows = meta_rows(
+        names, height=1344, width=1344, expand_fraction=0.25, family="qwen", ref_size=(1024, 1024)
+    )
+    for r, paper in zip(rows, (3.27, 5.40, 7.07)):
+        assert r["flops_speedup"] == pytest.approx(paper, rel=0.10), r
