@@ -191,39 +191,53 @@ def _sync(x: Tensor) -> None:
 
 
 @torch.no_grad()
-def time_method(method, editor, *, seed: int = 0, warmup: int = 1, repeats: int = 3) -> dict:
-    """Median wall time of ``method.run`` over ``repeats`` runs after ``warmup`` runs, with a breakdown."""
-    for _ in range(warmup):
-        method.run(editor, seed)
-    runs = []
-    for _ in range(repeats):
-        timed = TimedEditor(editor)
-        _sync(editor.source)
-        t0 = time.perf_counter()
-        result = method.run(timed, seed)
-        _sync(editor.source)
-        total = time.perf_counter() - t0
-        runs.append((total, timed.forward_s, timed.vae_s, result))
-    runs.sort(key=lambda r: r[0])
-    total, fwd, vae, result = runs[len(runs) // 2]
+def _timed_run(method, editor, seed: int) -> tuple[float, float, float, object]:
+    timed = TimedEditor(editor)
+    _sync(editor.source)
+    t0 = time.perf_counter()
+    result = method.run(timed, seed)
+    _sync(editor.source)
+    return time.perf_counter() - t0, timed.forward_s, timed.vae_s, result
+
+
+def _summary(runs: list[tuple[float, float, float, object]]) -> dict:
+    """Median run (by wall time) with its forward / VAE / remaining ("overhead") split."""
+    total, fwd, vae, result = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     return {"latency_s": statistics.median(r[0] for r in runs), "forward_s": fwd, "vae_s": vae,
             "overhead_s": total - fwd - vae, "overhead_pct": 100 * (total - fwd - vae) / total,
             "result": result}  # fmt: skip
+
+
+@torch.no_grad()
+def time_methods(named: dict, editor, *, seed: int = 0, warmup: int = 1, repeats: int = 3) -> dict[str, dict]:
+    """Median wall time of ``method.run`` per method. Runs are interleaved round-robin after the warm-ups,
+    so drift of the machine's speed (shared CPUs, clocks) affects every method alike."""
+    for m in named.values():
+        for _ in range(warmup):
+            m.run(editor, seed)
+    runs = {name: [] for name in named}
+    for _ in range(repeats):
+        for name, m in named.items():
+            runs[name].append(_timed_run(m, editor, seed))
+    return {name: _summary(r) for name, r in runs.items()}
 
 
 def latency_rows(names: list[str], editor: KontextEditor, *, expand_fraction: float | None, family: str = "flux",
                  warmup: int = 1, repeats: int = 3, peak_tflops: float | None = None) -> list[dict]:  # fmt: skip
     """Run every method (and the 50-step baseline) on ``editor`` and report FLOPs and latency."""
     table = methods(family)
+    order = ["baseline-50"] + [n for n in names if n != "baseline-50"]
+    timings = time_methods({n: budgeted(table[n], expand_fraction) for n in order}, editor, warmup=warmup,
+                           repeats=repeats)  # fmt: skip
     rows, base = [], None
-    for name in ["baseline-50"] + [n for n in names if n != "baseline-50"]:
-        m = budgeted(table[name], expand_fraction)
-        t = time_method(m, editor, warmup=warmup, repeats=repeats)
+    for name in order:
+        t = dict(timings[name])
         result = t.pop("result")
         tflops = result.flops(editor)["total"] / T
         frac = None if result.verdict is None else result.verdict.fraction
         row = {"method": name, "nfe": result.nfe, "tflops": tflops, "latency_s": t["latency_s"],
-               "expanded_fraction": frac, **{k: v for k, v in t.items() if k != "latency_s"}}  # fmt: skip
+               "expanded_fraction": frac, **{k: v for k, v in t.items() if k != "latency_s"},
+               "stage_s": {k: round(v, 4) for k, v in result.seconds.items()}}  # fmt: skip
         if name == "baseline-50":
             base = row
             if peak_tflops:
