@@ -59,22 +59,24 @@ def test_edit_cli_errors(repo, image, tmp_path, capsys):
     assert main([*base, "--image", str(image), "--image", str(image)]) == 2
 
 
-@pytest.fixture(scope="module")
-def qwen_repo(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen-image-edit", "qwen-image-edit-2509"])
+def qwen_repo(request, tmp_path_factory):
     from refs_qwen_repo import write_qwen_edit_repo
 
-    root = tmp_path_factory.mktemp("qwen") / "Qwen-Image-Edit-2509"
-    write_qwen_edit_repo(root, plus=True)
-    return root
+    plus = request.param.endswith("2509")
+    root = tmp_path_factory.mktemp("qwen") / request.param
+    write_qwen_edit_repo(root, plus=plus)
+    return request.param, root
 
 
 @pytest.mark.parametrize("method", ["baseline", "specedit-18"])
 def test_edit_cli_qwen(qwen_repo, image, tmp_path, capsys, method):
+    model, root = qwen_repo
     out = tmp_path / "out.png"
-    args = ["edit", "--model", "qwen-image-edit-2509", "--weights", str(qwen_repo), "--image", str(image), "--image",
-            str(image), "--prompt", "make the sky green", "--out", str(out), "--method", method, "--steps", "3",
-            "--height", "128", "--width", "128", "--area", str(128 * 128), "--dtype", "fp32", "--device", "cpu",
-            "--quiet"]  # fmt: skip
+    images = ["--image", str(image)] * (2 if model.endswith("2509") else 1)
+    args = ["edit", "--model", model, "--weights", str(root), *images, "--prompt", "make the sky green", "--out",
+            str(out), "--method", method, "--steps", "3", "--height", "128", "--width", "128", "--area",
+            str(128 * 128), "--dtype", "fp32", "--device", "cpu", "--quiet"]  # fmt: skip
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert Image.open(out).size == (128, 128)

@@ -282,3 +282,18 @@ def test_bad_inputs(pipe, image, tmp_path):
         pipe.edit(image, PROMPT, height=H)
     with pytest.raises(ValueError, match="non-empty list of str"):
         pipe.encode_prompt([])
+
+
+def test_odd_images_and_empty_prompt_have_documented_behaviour(pipe, image):
+    """RGBA and greyscale inputs are converted to RGB (alpha dropped), a 1-pixel image is resized to the working
+    size like any other, and an empty prompt is a valid prompt (T5 sees only </s>, CLIP only BOS/EOS)."""
+    rgb = pipe.edit(image, PROMPT, steps=2, height=H, width=W, seed=1)
+    rgba = image.convert("RGBA")
+    rgba.putalpha(77)
+    assert torch.equal(pipe.edit(rgba, PROMPT, steps=2, height=H, width=W, seed=1).latent, rgb.latent)
+    grey = pipe.edit(image.convert("L"), PROMPT, steps=2, height=H, width=W, seed=1)
+    assert grey.image.size == (W, H) and torch.isfinite(grey.latent).all()
+    dot = pipe.edit(Image.new("RGB", (1, 1), (200, 30, 30)), PROMPT, steps=2, height=H, width=W)
+    assert dot.image.size == (W, H) and torch.isfinite(dot.latent).all()
+    empty = pipe.edit(image, "", steps=2, height=H, width=W, seed=1)
+    assert torch.isfinite(empty.latent).all() and not torch.equal(empty.latent, rgb.latent)
