@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from specedit import costs
 
@@ -91,7 +92,7 @@ def _add_flops(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--analytic", action="store_true", help="skip the meta-device FlopCounterMode check")
-    p.set_defaults(run=_flops)
+    p.set_defaults(func=_flops)
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -185,7 +186,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per method")
-    p.set_defaults(run=_bench)
+    p.set_defaults(func=_bench)
 
 
 EDIT_MODELS = {
@@ -231,9 +232,14 @@ def _edit(a: argparse.Namespace) -> dict:
         )
     out.image.save(a.out)
     flops = out.flops()
-    summary = {"out": a.out, "method": a.method, "nfe": out.result.nfe, "size": list(out.image.size),
-               "seconds": {k: round(v, 3) for k, v in {**out.seconds, **out.result.seconds}.items()},
-               "tflops": {k: round(v / 1e12, 4) for k, v in flops.items()}}  # fmt: skip
+    summary = {
+        "out": a.out,
+        "method": a.method,
+        "nfe": out.result.nfe,
+        "size": list(out.image.size),
+        "seconds": {k: round(v, 3) for k, v in {**out.seconds, **out.result.seconds}.items()},
+        "tflops": {k: round(v / 1e12, 4) for k, v in flops.items()},
+    }
     if out.mask is not None:
         summary["expanded_fraction"] = round(float(out.mask.float().mean()), 4)
         if a.save_mask:
@@ -272,7 +278,7 @@ def _add_edit(sub) -> None:
     p.add_argument("--weights", default=None, help="local folder or hub repo id (default: the official repo)")
     p.add_argument("--save-mask", default=None, help="PNG of the verified-token mask over the input")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=_edit)
+    p.set_defaults(func=_edit)
 
 
 def _cuda() -> bool:
@@ -281,15 +287,83 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _train_toy(a: argparse.Namespace) -> dict:
+    from specedit.toy.recipe import launch_background, train_toy
+
+    overrides = {
+        k: v
+        for k, v in {
+            "steps": a.steps,
+            "batch": a.batch,
+            "n_train": a.n_train,
+            "seed": a.seed,
+            "ae_steps": a.ae_steps,
+            "lr": a.lr,
+            "ema": a.ema,
+        }.items()
+        if v is not None
+    }
+    if a.background:
+        return launch_background(a.argv, Path(a.run))
+    bar = None
+    if not a.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="train-toy", unit="step")
+
+    def log(entry: dict) -> None:
+        if bar is not None:
+            bar.set_description(f"{entry['stage']} {entry['step']}")
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            bar.update(1)
+
+    return train_toy(
+        a.run,
+        device=a.device,
+        minutes=a.minutes,
+        ae_from=a.ae_from,
+        workers=a.workers,
+        out=a.out,
+        log=log,
+        **overrides,
+    )
+
+
+def _add_train_toy(sub) -> None:
+    p = sub.add_parser("train-toy", help="train the toy editor (resumable; --background to detach)")
+    p.add_argument("--run", default="runs/toy", help="run folder: checkpoints, dataset cache, log, weights")
+    p.add_argument("--out", default=None, help="where to write the final weights (default: RUN/weights)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this many minutes")
+    p.add_argument("--background", action="store_true", help="run detached; progress goes to RUN/train.out")
+    p.add_argument("--ae-from", default=None, help="take the autoencoder from a trained toy editor folder")
+    p.add_argument("--workers", type=int, default=0, help="processes generating the dataset")
+    for name, kind in (
+        ("steps", int),
+        ("batch", int),
+        ("n-train", int),
+        ("seed", int),
+        ("ae-steps", int),
+        ("lr", float),
+        ("ema", float),
+    ):
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train_toy)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specedit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_flops(sub)
     _add_bench(sub)
     _add_edit(sub)
+    _add_train_toy(sub)
+    argv = sys.argv[1:] if argv is None else argv
     a = parser.parse_args(argv)
+    a.argv = argv
     try:
-        result = a.run(a)
+        result = a.func(a)
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         print(f"specedit {a.command}: error: {e}", file=sys.stderr)
         return 2
