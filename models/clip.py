@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,8 @@ from models.loading import (
     Checkpoint,
     Remap,
     build_on_meta,
-    download,
-    is_repo_id,
     load_checkpoint,
+    locate,
     open_checkpoint,
 )
 
@@ -219,7 +217,7 @@ def load_clip(
     """Load the CLIP text tower from (a) a ``text_encoder/`` folder (config.json + safetensors), (b) a repo
     root holding ``text_encoder/``, or (c) a Hugging Face repo id (downloads ``text_encoder/`` only).
     ``dtype`` casts floating tensors."""
-    folder = _locate(path_or_repo)
+    folder = locate(path_or_repo, "text_encoder", what="CLIP text encoder", allow_file=False)
     path = folder / "config.json"
     try:
         cfg = config_from_transformers(json.loads(path.read_text()))
@@ -227,25 +225,6 @@ def load_clip(
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     model = build_on_meta(lambda: CLIPText(cfg))
     return load_checkpoint(model, text_model_view(open_checkpoint(folder)), dtype=dtype, device=device)
-
-
-def _locate(path_or_repo: str | os.PathLike) -> Path:
-    """The ``text_encoder``-style folder behind a folder, repo root or repo id."""
-    s = os.fspath(path_or_repo)
-    p = Path(s)
-    if not p.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
-        p = download(s, ["text_encoder/*.json", "text_encoder/*.safetensors"])
-    if p.is_file():
-        raise ValueError(f"{p} is a file; pass the folder holding config.json and the safetensors weights")
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
-        return p
-    if (p / "text_encoder").is_dir():
-        return _locate(p / "text_encoder")
-    raise FileNotFoundError(
-        f"no CLIP text encoder in {p}: expected config.json + *.safetensors, or a text_encoder/ folder"
-    )
 
 
 def config_from_transformers(c: dict) -> CLIPTextConfig:

@@ -19,7 +19,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +30,8 @@ from models.loading import (
     Derived,
     Remap,
     build_on_meta,
-    download,
-    is_repo_id,
     load_checkpoint,
+    locate,
     open_checkpoint,
     strip_prefix,
 )
@@ -388,7 +386,7 @@ def load_flux(
     BFL files carry no config: sizes are read from tensor shapes and the RoPE axes default to the official
     (16, 56, 56) at head dim 128; pass ``config`` for other sizes. ``dtype`` casts floating tensors.
     """
-    src = _locate(path_or_repo)
+    src = locate(path_or_repo, "transformer", what="FLUX transformer", single_files=("flux1-*.safetensors",))
     if src.is_file():
         ckpt = strip_prefix(open_checkpoint(src), "model.diffusion_model.")
         cfg = config or config_from_bfl(ckpt)
@@ -397,31 +395,6 @@ def load_flux(
         ckpt = diffusers_to_bfl(open_checkpoint(src), cfg)
     model = build_on_meta(lambda: Flux(cfg))
     return load_checkpoint(model, ckpt, dtype=dtype, device=device)
-
-
-def _locate(path_or_repo: str | os.PathLike) -> Path:
-    """The BFL file or the diffusers transformer folder behind a file, folder, repo root or repo id."""
-    s = os.fspath(path_or_repo)
-    p = Path(s)
-    if not p.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
-        p = download(s, ["transformer/*.json", "transformer/*.safetensors"])
-    if p.is_file():
-        if not p.name.endswith(".safetensors"):
-            raise ValueError(f"{p} is not a .safetensors file (BFL single files end in .safetensors)")
-        return p
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
-        return p
-    singles = sorted(p.glob("flux1-*.safetensors"))
-    if singles:
-        return singles[0]
-    if (p / "transformer").is_dir():
-        return _locate(p / "transformer")
-    raise FileNotFoundError(
-        f"no FLUX transformer in {p}: expected a BFL file (flux1-*.safetensors), a diffusers folder "
-        f"(config.json + *.safetensors) or a transformer/ subfolder"
-    )
 
 
 def config_from_diffusers(c: dict) -> FluxConfig:

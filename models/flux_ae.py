@@ -20,7 +20,6 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +31,8 @@ from models.loading import (
     Derived,
     Remap,
     build_on_meta,
-    download,
-    is_repo_id,
     load_checkpoint,
+    locate,
     open_checkpoint,
 )
 
@@ -279,7 +277,7 @@ def load_flux_ae(
     BFL files carry no config: widths are read from tensor shapes, norm groups default to 32 and the
     scale/shift to the official 0.3611/0.1159; pass ``config`` to override.
     """
-    src = _locate(path_or_repo)
+    src = locate(path_or_repo, "vae", what="FLUX autoencoder", single_files=("ae.safetensors",))
     if src.is_file():
         ckpt = open_checkpoint(src)
         cfg = config or config_from_bfl(ckpt)
@@ -287,28 +285,6 @@ def load_flux_ae(
         cfg = config or config_from_diffusers(json.loads((src / "config.json").read_text()))
         ckpt = diffusers_to_bfl(open_checkpoint(src), cfg)
     return load_checkpoint(build_on_meta(lambda: AutoEncoder(cfg)), ckpt, dtype=dtype, device=device)
-
-
-def _locate(path_or_repo: str | os.PathLike) -> Path:
-    s = os.fspath(path_or_repo)
-    p = Path(s)
-    if not p.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
-        p = download(s, ["vae/*.json", "vae/*.safetensors"])
-    if p.is_file():
-        if not p.name.endswith(".safetensors"):
-            raise ValueError(f"{p} is not a .safetensors file")
-        return p
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
-        return p
-    if (p / "ae.safetensors").is_file():
-        return p / "ae.safetensors"
-    if (p / "vae").is_dir():
-        return _locate(p / "vae")
-    raise FileNotFoundError(
-        f"no FLUX autoencoder in {p}: expected ae.safetensors, a vae/ folder, or config.json + weights"
-    )
 
 
 def config_from_diffusers(c: dict) -> FluxAEConfig:

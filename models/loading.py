@@ -344,6 +344,46 @@ def resolve(path_or_repo: str | os.PathLike, allow_patterns: list[str]) -> Path:
     return download(s, allow_patterns)
 
 
+def locate(
+    path_or_repo: str | os.PathLike,
+    subfolder: str,
+    *,
+    what: str,
+    single_files: tuple[str, ...] = (),
+    allow_file: bool = True,
+    needs_config: bool = True,
+) -> Path:
+    """The weights behind a path, a repo root or a hub id: a component folder (config.json + safetensors) or a
+    single ``.safetensors`` file (``single_files``: names looked for in a root, e.g. BFL's ``flux1-*.safetensors``).
+
+    A hub id downloads only ``subfolder``'s json and safetensors files.
+    """
+    s = os.fspath(path_or_repo)
+    p = Path(s)
+    if not p.exists():
+        if not is_repo_id(s):
+            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
+        p = download(s, [f"{subfolder}/*.json", f"{subfolder}/*.safetensors"])
+    if p.is_file():
+        if not allow_file:
+            raise ValueError(
+                f"{p} is a file; pass the folder holding config.json and the safetensors weights"
+            )
+        if not p.name.endswith((".safetensors", ".safetensors.index.json")):
+            raise ValueError(f"{p} is not a .safetensors file")
+        return p
+    if (not needs_config or (p / "config.json").is_file()) and any(p.glob("*.safetensors*")):
+        return p
+    for pattern in single_files:
+        found = sorted(p.glob(pattern))
+        if found:
+            return found[0]
+    if (p / subfolder).is_dir():
+        return locate(p / subfolder, subfolder, what=what, allow_file=allow_file, needs_config=needs_config)
+    expected = ", ".join([*single_files, "config.json + *.safetensors", f"or a {subfolder}/ subfolder"])
+    raise FileNotFoundError(f"no {what} in {p}: expected {expected}")
+
+
 def download(repo_id: str, allow_patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 

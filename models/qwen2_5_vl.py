@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +36,8 @@ from models.loading import (
     CheckpointError,
     Remap,
     build_on_meta,
-    download,
-    is_repo_id,
     load_checkpoint,
+    locate,
     open_checkpoint,
 )
 
@@ -635,7 +633,7 @@ def load_qwen2_5_vl(
     and ``text_encoder/*.safetensors`` only) or (d) one ``.safetensors`` file (config.json next to it, or
     ``config=``). Legacy and new key names both load strictly; ``lm_head.weight`` is skipped.
     """
-    src = _locate(path_or_repo)
+    src = locate(path_or_repo, "text_encoder", what="Qwen2.5-VL weights", needs_config=False)
     folder = src if src.is_dir() else src.parent
     if config is None:
         cfg_file = folder / "config.json"
@@ -644,26 +642,6 @@ def load_qwen2_5_vl(
         config = config_from_transformers(json.loads(cfg_file.read_text()))
     model = build_on_meta(lambda: Qwen2_5_VL(config))
     return load_checkpoint(model, legacy_view(open_checkpoint(src)), dtype=dtype, device=device)
-
-
-def _locate(path_or_repo: str | os.PathLike) -> Path:
-    s = os.fspath(path_or_repo)
-    p = Path(s)
-    if not p.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
-        p = download(s, ["text_encoder/*.json", "text_encoder/*.safetensors"])
-    if p.is_file():
-        if not p.name.endswith((".safetensors", ".safetensors.index.json")):
-            raise ValueError(f"{p} is not a .safetensors file or index")
-        return p
-    if any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")):
-        return p
-    if (p / "text_encoder").is_dir():
-        return _locate(p / "text_encoder")
-    raise FileNotFoundError(
-        f"no Qwen2.5-VL weights in {p}: expected config.json + *.safetensors or a text_encoder/ subfolder"
-    )
 
 
 _RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))

@@ -23,7 +23,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +30,8 @@ from torch import Tensor, nn
 
 from models.loading import (
     build_on_meta,
-    download,
-    is_repo_id,
     load_checkpoint,
+    locate,
     open_checkpoint,
     strip_prefix,
 )
@@ -480,7 +478,7 @@ def load_qwen_image(
 
     ``config`` overrides config.json; ``dtype`` casts floating tensors.
     """
-    src = _locate(path_or_repo)
+    src = locate(path_or_repo, "transformer", what="Qwen-Image transformer")
     if src.is_file():
         if config is None:
             raise ValueError(
@@ -497,27 +495,6 @@ def load_qwen_image(
                 raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
     model = build_on_meta(lambda: QwenImage(config))
     return load_checkpoint(model, ckpt, dtype=dtype, device=device)
-
-
-def _locate(path_or_repo: str | os.PathLike) -> Path:
-    """The transformer folder (or single file) behind a folder, repo root, file or repo id."""
-    s = os.fspath(path_or_repo)
-    p = Path(s)
-    if not p.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
-        p = download(s, ["transformer/*.json", "transformer/*.safetensors"])
-    if p.is_file():
-        if not p.name.endswith(".safetensors"):
-            raise ValueError(f"{p} is not a .safetensors file")
-        return p
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
-        return p
-    if (p / "transformer").is_dir():
-        return _locate(p / "transformer")
-    raise FileNotFoundError(
-        f"no Qwen-Image transformer in {p}: expected config.json + *.safetensors or a transformer/ subfolder"
-    )
 
 
 def config_from_diffusers(c: dict) -> QwenImageConfig:

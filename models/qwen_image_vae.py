@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.loading import build_on_meta, download, is_repo_id, load_checkpoint, open_checkpoint
+from models.loading import build_on_meta, load_checkpoint, locate, open_checkpoint
 
 LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -396,7 +395,7 @@ def load_qwen_image_vae(
 ) -> QwenImageVAE:
     """Load the VAE from (a) a diffusers ``vae/`` folder, (b) a repo root holding one, or (c) a Hugging Face
     repo id (downloads ``vae/*.json`` and ``vae/*.safetensors`` only). ``config`` overrides config.json."""
-    src = _locate(path_or_repo)
+    src = locate(path_or_repo, "vae", what="Qwen-Image VAE", allow_file=False)
     if config is None:
         cfg_path = src / "config.json"
         try:
@@ -405,22 +404,6 @@ def load_qwen_image_vae(
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
     model = build_on_meta(lambda: QwenImageVAE(config))
     return load_checkpoint(model, open_checkpoint(src), dtype=dtype, device=device)
-
-
-def _locate(path_or_repo: str | os.PathLike) -> Path:
-    s = os.fspath(path_or_repo)
-    p = Path(s)
-    if not p.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
-        p = download(s, ["vae/*.json", "vae/*.safetensors"])
-    if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
-        return p
-    if p.is_dir() and (p / "vae").is_dir():
-        return _locate(p / "vae")
-    raise FileNotFoundError(
-        f"no Qwen-Image VAE in {p}: expected a folder with config.json + *.safetensors or a vae/ subfolder"
-    )
 
 
 def config_from_diffusers(c: dict) -> QwenImageVAEConfig:

@@ -35,9 +35,8 @@ from models.loading import (
     CheckpointError,
     Remap,
     build_on_meta,
-    download,
-    is_repo_id,
     load_checkpoint,
+    locate,
     open_checkpoint,
 )
 
@@ -293,7 +292,7 @@ def load_t5(
     ``dtype`` casts floating tensors. As in transformers, ``float16`` keeps every ``wo`` in fp32 (the MLP
     output overflows fp16), which makes the residual stream fp32 from the first MLP on.
     """
-    folder = _locate(path_or_repo)
+    folder = locate(path_or_repo, "text_encoder_2", what="T5 encoder", allow_file=False)
     cfg = config_from_transformers(_read_config(folder))
     model = build_on_meta(lambda: T5Encoder(cfg))
     model = load_checkpoint(model, encoder_view(open_checkpoint(folder)), dtype=dtype, device=device)
@@ -301,25 +300,6 @@ def load_t5(
         for block in model.encoder.block:
             block.layer[1].DenseReluDense.wo.float()
     return model
-
-
-def _locate(path_or_repo: str | os.PathLike) -> Path:
-    """The ``text_encoder_2``-style folder behind a folder, repo root or repo id."""
-    s = os.fspath(path_or_repo)
-    p = Path(s)
-    if not p.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing path nor a Hugging Face repo id")
-        p = download(s, ["text_encoder_2/*.json", "text_encoder_2/*.safetensors"])
-    if p.is_file():
-        raise ValueError(f"{p} is a file; pass the folder holding config.json and the safetensors weights")
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
-        return p
-    if (p / "text_encoder_2").is_dir():
-        return _locate(p / "text_encoder_2")
-    raise FileNotFoundError(
-        f"no T5 encoder in {p}: expected config.json + *.safetensors, or a text_encoder_2/ folder"
-    )
 
 
 def _read_config(folder: Path) -> dict:

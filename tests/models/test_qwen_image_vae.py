@@ -127,8 +127,11 @@ def test_bad_inputs(tmp_path):
         CheckpointError, match=r"(?s)does not match QwenImageVAE.*missing: decoder\.up_blocks\.1\."
     ):
         load_qwen_image_vae(folder)
-    with pytest.raises(FileNotFoundError, match="no Qwen-Image VAE"):
+    with pytest.raises(ValueError, match="config.json is a file; pass the folder"):
         load_qwen_image_vae(tmp_path / "vae" / "config.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Qwen-Image VAE"):
+        load_qwen_image_vae(tmp_path / "empty")
 
 
 def test_full_size_keys_match_official():
