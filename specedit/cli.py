@@ -298,6 +298,8 @@ def _train_toy(a: argparse.Namespace) -> dict:
             "n_train": a.n_train,
             "seed": a.seed,
             "ae_steps": a.ae_steps,
+            "ae_batch": a.ae_batch,
+            "ae_crop": a.ae_crop,
             "lr": a.lr,
             "ema": a.ema,
         }.items()
@@ -344,6 +346,8 @@ def _add_train_toy(sub) -> None:
         ("n-train", int),
         ("seed", int),
         ("ae-steps", int),
+        ("ae-batch", int),
+        ("ae-crop", int),
         ("lr", float),
         ("ema", float),
     ):

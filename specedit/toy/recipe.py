@@ -3,6 +3,7 @@
 run/
   train_config.json     the ToyTrainConfig of the run (a resumed run keeps it)
   ae_ckpt.safetensors   autoencoder checkpoint (+ optimizer); ae_stats.json once the AE is done
+  examples_N.safetensors  the generated examples (uint8 images, masks, ids): the AE's bank and the data source
   data_N.safetensors    the encoded dataset
   dit_ckpt.safetensors  transformer + text encoder checkpoint (+ EMA, optimizer)
   log.jsonl             one line per step
@@ -21,10 +22,19 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from specedit.toy.model import ToyEditor
-from specedit.toy.train import ToyTrainConfig, load_or_build_dataset, train_ae, train_dit
+from specedit.toy.train import (
+    ToyTrainConfig,
+    load_or_encode_dataset,
+    load_or_generate_examples,
+    train_ae,
+    train_dit,
+)
+
+AE_SHARE = 0.35
 
 
 def _config(run: Path, overrides: dict) -> ToyTrainConfig:
@@ -63,7 +73,7 @@ def train_toy(
     cfg = _config(run, overrides)
     deadline = None if minutes is None else time.time() + 60 * minutes
     left = lambda: None if deadline is None else max(0.0, (deadline - time.time()) / 60)
-    logfile = (run / "log.jsonl").open("a")
+    logfile = (run / "log.jsonl").open("a", buffering=1)  # line-buffered: the log can be followed live
 
     def record(entry: dict) -> None:
         logfile.write(json.dumps(entry) + "\n")
@@ -72,9 +82,10 @@ def train_toy(
 
     editor = ToyEditor.create(seed=cfg.seed)
     summary: dict = {"run": str(run)}
+    examples = load_or_generate_examples(cfg, run, workers=workers)  # before CUDA starts: workers fork
     stats_path = run / "ae_stats.json"
     if ae_from is not None:  # reuse a trained autoencoder (e.g. the CPU-trained one on a GPU run)
-        donor = ToyEditor.load(ae_from, device=device)
+        donor = ToyEditor.load(ae_from)  # on the CPU: CUDA must not start before the data workers fork
         editor.ae.load_state_dict(donor.ae.state_dict())
         editor.with_latent_stats(donor.ae.config.shift_factor, donor.ae.config.scale_factor)
         stats_path.write_text(
@@ -94,19 +105,33 @@ def train_toy(
         stats = json.loads(stats_path.read_text())
         editor.with_latent_stats(stats["latent_shift"], stats["latent_scale"])
     else:
-        summary["ae"] = train_ae(editor, cfg, run, device=device, minutes=left(), log=record)
-        if not summary["ae"]["done"]:
-            return {**summary, "done": False, "stopped": "time budget during the autoencoder stage"}
+        bank = torch.cat([examples["source"], examples["target"]])
+        # with a time budget the AE gets at most AE_SHARE of it; the run goes on with the AE as trained by then
+        ae_minutes = None if deadline is None else AE_SHARE * minutes
+        summary["ae"] = train_ae(editor, cfg, run, bank, device=device, minutes=ae_minutes, log=record)
+        del bank
         stats_path.write_text(json.dumps(summary["ae"]))
     editor.ae.to(device).eval()
 
-    data = load_or_build_dataset(editor, cfg, run, device=device, workers=workers)
+    data = load_or_encode_dataset(editor, examples, cfg, run, device=device)
+    del examples
     summary["dit"] = train_dit(editor, data, cfg, run, device=device, minutes=left(), log=record)
     logfile.close()
-    if not summary["dit"]["done"]:
-        return {**summary, "done": False, "stopped": f"time budget at step {summary['dit']['dit_steps']}"}
+    # the EMA weights are written either way; a stopped run can be resumed and will overwrite them
     weights = Path(out) if out else run / "weights"
-    editor.save(weights, extra={"train": asdict(cfg), "recipe": "specedit train-toy"})
+    extra = {
+        "train": {**asdict(cfg), "steps": summary["dit"]["planned_steps"]},
+        "steps_done": summary["dit"]["dit_steps"],
+        "recipe": "specedit train-toy",
+    }
+    editor.save(weights, extra=extra)
+    if not summary["dit"]["done"]:
+        return {
+            **summary,
+            "done": False,
+            "weights": str(weights),
+            "stopped": f"time budget at step {summary['dit']['dit_steps']}",
+        }
     return {**summary, "done": True, "weights": str(weights)}
 
 

@@ -4,8 +4,9 @@ Recipe (rectified flow, as the Kontext family is trained):
 
 1. Autoencoder: reconstruction (MSE + L1) with a tiny KL term on synthetic source and target images; then
    the latent normalisation (z - shift) * scale is set from the latents' statistics.
-2. Dataset: ``n`` examples of ``specedit.toy.data`` encoded once (posterior means, fp16) with their token-level
-   edit masks and tokenized instructions, cached as safetensors.
+   It trains on a bank of generated examples (step 2's images), so no image is drawn inside its loop.
+2. Dataset: ``n`` examples of ``specedit.toy.data`` generated once (uint8 images, cached) and, after step 1,
+   encoded once (posterior means, fp16) with their token-level edit masks and tokenized instructions.
 3. Transformer + text encoder, jointly: x_t = (1 - t) x0 + t eps, target v = eps - x0, t logit-normal and shifted
    like the sampler's schedule for the token count. What makes it learn fast enough for a CPU:
    - multi-resolution batches (full, 2x and 4x coarser latents), so the draft and coarse stages of SpecEdit
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from models.packing import grid_ids, pack
 from samplers.schedules import FLUX_SCHEDULE, time_shift
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, make_example
-from specedit.toy.model import IMAGE_SIZE, ToyEditor, images_to_tensor
+from specedit.toy.model import IMAGE_SIZE, ToyEditor, toy_tokenizer
 
 KINDS = LOCAL_EDITS + GLOBAL_EDITS
 
@@ -46,15 +47,15 @@ class ToyTrainConfig:
 
     seed: int = 0
     # autoencoder
-    ae_steps: int = 1500
+    ae_steps: int = 3000
     ae_batch: int = 8
-    ae_crop: int = 64  # the AE is fully convolutional: train on random crops, 4x cheaper than whole images
-    ae_lr: float = 1e-3
+    ae_crop: int = 64  # the AE is fully convolutional: random crops are 4x cheaper than whole images (CPU)
+    ae_lr: float = 5e-4
     kl_weight: float = 1e-6
     # dataset
     n_train: int = 12000
     # transformer + text encoder
-    steps: int = 2500
+    steps: int = 2500  # 0: "auto", fit the schedule to the time budget after timing the first steps
     batch: int = 16
     lr: float = 4e-4
     warmup: int = 150
@@ -66,23 +67,24 @@ class ToyTrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- autoencoder
-def _ae_batch(step: int, cfg: ToyTrainConfig, crop: int | None = None) -> Tensor:
-    images = []
-    rng = np.random.default_rng(step)
-    for i in range(cfg.ae_batch // 2):
-        ex = make_example(10_000_000 + step * cfg.ae_batch + i, size=IMAGE_SIZE)
-        for im in (ex.source, ex.target):
-            if crop:
-                r, c = rng.integers(0, IMAGE_SIZE - crop + 1, 2) // 4 * 4  # keep the 4 px latent alignment
-                im = im[r : r + crop, c : c + crop]
-            images.append(im)
-    return images_to_tensor(images)
+def _ae_batch(step: int, cfg: ToyTrainConfig, bank: Tensor, crop: int | None = None) -> Tensor:
+    """A batch of ``bank`` images ((n, H, W, 3) uint8, sources and targets), randomly cropped, step-seeded."""
+    g = torch.Generator().manual_seed(10_000_000 + step)
+    idx = torch.randint(bank.shape[0], (cfg.ae_batch,), generator=g)
+    images = bank[idx]
+    if crop and crop < images.shape[1]:
+        r, c = (
+            torch.randint(0, (IMAGE_SIZE - crop) // 4 + 1, (2,), generator=g) * 4
+        ).tolist()  # 4 px aligned
+        images = images[:, r : r + crop, c : c + crop]
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def train_ae(
     editor: ToyEditor,
     cfg: ToyTrainConfig,
     run: Path,
+    bank: Tensor,
     *,
     device="cpu",
     minutes: float | None = None,
@@ -90,6 +92,10 @@ def train_ae(
 ) -> dict:
     """Train ``editor.ae`` (resuming from ``run/ae_ckpt.safetensors``), then set its latent statistics."""
     ae = editor.ae.to(device).train()
+    with torch.no_grad():  # start the posterior nearly deterministic: with logvar ~ 0 its noise (std 1) hides
+        ae.encoder.conv_out.bias[ae.config.z_channels :].fill_(
+            -8.0
+        )  # the signal until the encoder shrinks it
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
     step = _resume(run / "ae_ckpt.safetensors", {"ae": ae}, {}, opt)
     t_end = None if minutes is None else time.time() + 60 * minutes
@@ -97,7 +103,7 @@ def train_ae(
         lr = cfg.ae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.ae_steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        x = _ae_batch(step, cfg, cfg.ae_crop).to(device)
+        x = _ae_batch(step, cfg, bank, cfg.ae_crop).to(device)
         mean, logvar = ae.encoder(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -116,7 +122,7 @@ def train_ae(
     _checkpoint(run / "ae_ckpt.safetensors", {"ae": ae}, {}, opt, step)
     ae.eval()
     with torch.no_grad():
-        means = [ae.encoder(_ae_batch(900_000 + i, cfg).to(device)).chunk(2, 1)[0] for i in range(8)]
+        means = [ae.encoder(_ae_batch(900_000 + i, cfg, bank).to(device)).chunk(2, 1)[0] for i in range(8)]
         z = torch.cat(means)
     shift, scale = float(z.mean()), float(1.0 / z.std())
     editor.with_latent_stats(shift, scale)
@@ -129,17 +135,9 @@ def _example_arrays(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str,
     return ex.source, ex.target, ex.mask, ex.instruction, KINDS.index(ex.kind)
 
 
-def build_dataset(
-    editor: ToyEditor,
-    n: int,
-    *,
-    first_seed: int = 0,
-    device="cpu",
-    workers: int = 0,
-    batch: int = 64,
-    progress=None,
-) -> dict[str, Tensor]:
-    """Encode examples ``first_seed .. first_seed + n - 1``: latents (fp16), token masks, instruction ids, kinds."""
+def generate_examples(n: int, *, first_seed: int = 0, workers: int = 0, tokenizer=None) -> dict[str, Tensor]:
+    """Examples ``first_seed .. first_seed + n - 1`` as tensors: source / target (n, H, W, 3) uint8, pixel
+    masks, instruction ids and edit kinds (``workers`` processes generate them)."""
     seeds = range(first_seed, first_seed + n)
     if workers > 1:
         from multiprocessing import get_context
@@ -148,33 +146,53 @@ def build_dataset(
             rows = pool.map(_example_arrays, seeds, chunksize=64)
     else:
         rows = [_example_arrays(s) for s in seeds]
-    ae = editor.ae.to(device).eval()
-    src, tgt = [], []
-    token = IMAGE_SIZE // 16  # pixels per token side on the 16 x 16 fine grid
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            chunk = rows[i : i + batch]
-            for out, idx in ((src, 0), (tgt, 1)):
-                x = images_to_tensor([r[idx] for r in chunk]).to(device)
-                out.append(ae.encode(x).half().cpu())
-            if progress:
-                progress(min(i + batch, n), n)
-    masks = torch.from_numpy(np.stack([r[2] for r in rows])).float()
-    token_masks = F.max_pool2d(masks[:, None], token)[:, 0] > 0
     return {
-        "source": torch.cat(src),
-        "target": torch.cat(tgt),
-        "mask": token_masks,
-        "ids": editor.tokenizer([r[3] for r in rows]),
+        "source": torch.from_numpy(np.stack([r[0] for r in rows])),
+        "target": torch.from_numpy(np.stack([r[1] for r in rows])),
+        "mask": torch.from_numpy(np.stack([r[2] for r in rows])),
+        "ids": (tokenizer or toy_tokenizer())([r[3] for r in rows]),
         "kind": torch.tensor([r[4] for r in rows]),
     }
 
 
-def load_or_build_dataset(editor: ToyEditor, cfg: ToyTrainConfig, run: Path, **kw) -> dict[str, Tensor]:
+def encode_examples(
+    editor: ToyEditor, examples: dict[str, Tensor], *, device="cpu", batch: int = 64
+) -> dict[str, Tensor]:
+    """The training set: AE latents (fp16) of sources and targets, token-level masks, ids and kinds."""
+    ae = editor.ae.to(device).eval()
+    out = {"source": [], "target": []}
+    with torch.no_grad():
+        for i in range(0, examples["source"].shape[0], batch):
+            for key in out:
+                x = examples[key][i : i + batch].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+                out[key].append(ae.encode(x).half().cpu())
+    token = IMAGE_SIZE // 16  # pixels per token side on the 16 x 16 fine grid
+    masks = F.max_pool2d(examples["mask"][:, None].float(), token)[:, 0] > 0
+    return {
+        "source": torch.cat(out["source"]),
+        "target": torch.cat(out["target"]),
+        "mask": masks,
+        "ids": examples["ids"],
+        "kind": examples["kind"],
+    }
+
+
+def load_or_generate_examples(cfg: ToyTrainConfig, run: Path, *, workers: int = 0) -> dict[str, Tensor]:
+    path = run / f"examples_{cfg.n_train}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    examples = generate_examples(cfg.n_train, first_seed=cfg.seed * 1_000_000, workers=workers)
+    save_file({k: v.contiguous() for k, v in examples.items()}, str(path))
+    return examples
+
+
+def load_or_encode_dataset(
+    editor: ToyEditor, examples: dict[str, Tensor], cfg: ToyTrainConfig, run: Path, *, device="cpu"
+) -> dict[str, Tensor]:
     path = run / f"data_{cfg.n_train}.safetensors"
     if path.is_file():
         return load_file(str(path))
-    data = build_dataset(editor, cfg.n_train, first_seed=cfg.seed * 1_000_000, **kw)
+    data = encode_examples(editor, examples, device=device)
     save_file({k: v.contiguous() for k, v in data.items()}, str(path))
     return data
 
@@ -203,11 +221,12 @@ def dit_loss(
     t = time_shift(u, FLUX_SCHEDULE.mu(n))
     eps = torch.randn(x0.shape, generator=g).to(device)
     xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-    txt, y = editor.text(data["ids"][idx].to(device))
-    img = torch.cat([pack(xt), pack(ref)], 1)
-    ids = torch.cat([grid_ids(grid), grid_ids(grid, axis0=1.0)]).to(device)
-    v = editor.dit(img, ids, txt, torch.zeros(1, txt.shape[1], 3, device=device), t, y)[:, :n]
-    err = (v - pack(eps - x0)).pow(2).mean(-1)  # (b, n)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        txt, y = editor.text(data["ids"][idx].to(device))
+        img = torch.cat([pack(xt), pack(ref)], 1)
+        ids = torch.cat([grid_ids(grid), grid_ids(grid, axis0=1.0)]).to(device)
+        v = editor.dit(img, ids, txt, torch.zeros(1, txt.shape[1], 3, device=device), t, y)[:, :n]
+    err = (v.float() - pack(eps - x0)).pow(2).mean(-1)  # (b, n)
     w = 1 + edit_weight * mask.flatten(1)
     return (w * err).sum() / w.sum()
 
@@ -233,15 +252,21 @@ def train_dit(
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = _resume(run / "dit_ckpt.safetensors", nets, ema, opt)
     t_end = None if minutes is None else time.time() + 60 * minutes
+    if torch.device(device).type == "cuda":
+        data = {k: v.to(device) for k, v in data.items()}
     n_data = data["target"].shape[0]
     factors = torch.tensor(cfg.res_probs)
+    total = cfg.steps
+    if total == 0 and t_end is None:
+        raise ValueError("steps 0 (auto) needs a time budget (minutes)")
     t0, seen = time.time(), 0
-    while step < cfg.steps and (t_end is None or time.time() < t_end):
-        lr = (
-            cfg.lr
-            * min(1.0, (step + 1) / cfg.warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
-        )
+    while (total == 0 or step < total) and (t_end is None or time.time() < t_end):
+        if total == 0 and seen == 30:  # auto: the schedule ends with the time budget (5 % margin)
+            per_step = (time.time() - t0) / seen
+            total = step + max(1, int(0.95 * (t_end - time.time()) / per_step))
+        horizon = total or 10**9
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon)))
         for group in opt.param_groups:
             group["lr"] = lr
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -278,7 +303,12 @@ def train_dit(
             for n, p in m.named_parameters():
                 p.copy_(ema[f"{k}.{n}"])
             m.eval()
-    return {"dit_steps": step, "done": step >= cfg.steps, "s_per_step": (time.time() - t0) / max(seen, 1)}
+    return {
+        "dit_steps": step,
+        "planned_steps": total,
+        "done": total > 0 and step >= total,
+        "s_per_step": (time.time() - t0) / max(seen, 1),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,124 @@
+"""``specedit demo`` and ``specedit eval``: the toy editor's demo and evaluation suite on the command line.
+
+    specedit demo [--out DIR] [--weights DIR] [--methods LIST] [--n N]
+    specedit eval --suite toy [--n N] [--methods LIST] [--out DIR] [--weights DIR] [--seed-offset S]
+    torchrun --nproc_per_node=N -m specedit.cli eval --num-examples N ...   # examples sharded over the ranks
+
+``add_commands(sub)`` registers both on the ``specedit`` parser; the handlers print tables (progress goes to
+stderr) and return None.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specedit.toy import evaluate as ev
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _setup(a: argparse.Namespace, device):
+    import torch
+
+    threads = a.threads if a.threads is not None else (1 if device.type == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return ev.load_toy(a.weights, device=device, dtype=getattr(torch, DTYPES[a.dtype]))
+
+
+def _logger(a: argparse.Namespace, prefix: str = ""):
+    if a.quiet:
+        return None
+    return lambda msg: print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights", default=None, help="toy editor folder (default: the shipped specedit/toy/weights)"
+    )
+    p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default on the CPU: 1, "
+                   "the fastest for this small model on a shared machine; more on an idle many-core one)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _demo(a: argparse.Namespace) -> None:
+    names = ev.parse_methods(a.methods)
+    toy = _setup(a, ev.Dist().device(a.device))
+    report = ev.demo(toy, a.out, methods=names[1:], n=a.n, log=_logger(a))
+    print(ev.format_table(report["methods"], ev.DEMO_COLUMNS, title=_demo_title(report)))
+    print(f"\npanels: {', '.join(e['panel'] for e in report['examples'])}")
+    print(
+        f"report: {a.out}/report.json ({report['seconds']:.1f} s, {report['device']}, {report['threads']} threads)"
+    )
+
+
+def _demo_title(report: dict) -> str:
+    return (f"toy editor demo, {len(report['examples'])} held-out edits; fidelity to {report['reference']} "
+            "(PSNR / SSIM: whole, in and out of the true edit mask), PSNR to the ground truth, verifier IoU "
+            "with the true edit cells, expanded fraction")  # fmt: skip
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="toy editor: baseline-50 vs SpecEdit on a few held-out edits (panels, table)"
+    )
+    p.add_argument("--out", default="out/demo", help="folder for the panels and report.json")
+    p.add_argument("--methods", default=",".join(ev.DEMO_METHODS), help="comma-separated methods besides "
+                   "baseline-50 (see specedit.presets.methods)")  # fmt: skip
+    p.add_argument("--n", type=int, default=4, help=f"examples (1..{len(ev.DEMO_SEEDS)})")
+    _common(p)
+    p.set_defaults(func=_demo)
+
+
+def _eval(a: argparse.Namespace) -> None:
+    if a.suite != "toy":
+        raise ValueError(f"unknown suite {a.suite!r}; available: toy")
+    dist = ev.Dist.from_env()
+    names = ev.parse_methods(a.methods, reference=a.reference)
+    device = dist.device(a.device)
+    toy = _setup(a, device)
+    prefix = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
+    records = ev.evaluate_suite(toy, names, n=a.n, offset=a.seed_offset, reference=a.reference, dist=dist,
+                                log=_logger(a, prefix))  # fmt: skip
+    if records is None:  # not rank 0: rank 0 writes and prints
+        return
+    out = ev.write_suite(records, a.out, reference=a.reference, plot=not a.no_plot)
+    title = (
+        f"toy eval suite: {a.n} held-out edits (seeds {ev.EVAL_FIRST_SEED + a.seed_offset}+), {dist.world} "
+        f"process(es); fidelity to {a.reference} (whole / edited / unedited region), PSNR to the ground truth, "
+        "verifier IoU / precision / recall on local edits (L), expanded fraction on global edits (G)"
+    )
+    print(ev.format_table(out["rows"], ev.EVAL_COLUMNS, title=title))
+    print()
+    for k, v in out["paths"].items():
+        print(f"{k}: {v}")
+    if out["note"]:
+        print(f"note: {out['note']}")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluation suite: every method on held-out toy edits (table, JSON lines, "
+                       "plot); shards over torchrun ranks")  # fmt: skip
+    p.add_argument("--suite", default="toy", choices=["toy"])
+    p.add_argument("--n", "--num-examples", dest="n", type=int, default=8,
+                   help="held-out examples (under torchrun write --num-examples: torchrun takes --n as an "
+                   "abbreviation of its own options)")  # fmt: skip
+    p.add_argument("--methods", default=",".join(ev.EVAL_METHODS), help="comma-separated methods (default: all "
+                   "of the suite)")  # fmt: skip
+    p.add_argument(
+        "--out", default="out/eval-toy", help="folder for metrics.jsonl, examples.jsonl and the plot"
+    )
+    p.add_argument("--seed-offset", type=int, default=0, help="examples use seeds 6_000_000 + offset + i")
+    p.add_argument("--reference", default=ev.BASELINE, help="fidelity reference and speedup base")
+    p.add_argument("--no-plot", action="store_true", help="skip the speed-versus-quality plot")
+    _common(p)
+    p.set_defaults(func=_eval)
+
+
+def add_commands(sub) -> None:
+    """Register ``demo`` and ``eval`` on the ``specedit`` subcommand parser."""
+    _add_demo(sub)
+    _add_eval(sub)

@@ -1,0 +1,504 @@
+"""Demo and evaluation of the toy editor: every method on held-out synthetic edits with ground truth.
+
+Per (method, example) a *record* holds the cost (NFE, TFLOPs from the recorded events, wall time of
+``method.run``), the fidelity to the 50-step baseline's output (PSNR / SSIM on the whole image, inside and
+outside the true edit mask), the distance to the ground-truth edit, and, for methods with a verifier, how
+the verified set T_edit (``verdict.edit``, before the uniform union) matches the true edit region at
+coarse-cell granularity (IoU, precision, recall) and the expanded fraction of T_exp (``verdict.mask``).
+``aggregate`` turns records into one row per method: means, speedups over the baseline, and the verifier
+scores split into local edits (IoU, precision, recall) and global edits (expanded fraction).
+
+Held-out seeds: the demo uses fixed seeds >= 5_000_000, the eval suite 6_000_000 + offset + i (even seeds
+local edits, odd seeds global ones); the training set uses seeds below 1_000_000 per training seed.
+
+Under ``torchrun`` (RANK / WORLD_SIZE set) ``evaluate_suite`` shards the examples across ranks (example i
+on rank i mod world), and rank 0 gathers and merges the records (``torch.distributed``, gloo on the CPU,
+nccl on GPUs).
+
+Shape legend: b batch (1 here), H W pixels (128), hc wc coarse cells (8 x 8 = 16 px each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from specedit.presets import methods as all_methods
+from specedit.toy import metrics
+from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, Example, make_example
+from specedit.toy.model import WEIGHTS, ToyEditor, images_to_tensor
+from specedit.viz import mask_overlay
+
+BASELINE = "baseline-50"
+# held-out demo edits (add, background, recolour, darker, move, background): local and global alternate
+DEMO_SEEDS = (5_000_002, 5_000_001, 5_000_017, 5_000_008, 5_000_009, 5_000_013)
+DEMO_METHODS = ("specedit-18", "specedit-9")
+EVAL_FIRST_SEED = 6_000_000
+ABLATION_METHODS = (
+    "specedit-18", "specedit-18-tau0.4", "specedit-18-tau0.9", "specedit-18-ndraft4", "specedit-18-k2",
+    "specedit-18-k4", "specedit-18-draft6", "specedit-18-draft8", "nodraft-18", "semantic-18", "uniform-18",
+    "specedit-18-reuse",
+)  # fmt: skip
+BASELINE_METHODS = (
+    "steps-30", "steps-18", "steps-9", "ralu-4x", "ralu-7x", "fresco-30", "fresco-18", "bottleneck-30",
+    "bottleneck-18", "specedit-30", "specedit-18", "specedit-11", "specedit-9",
+)  # fmt: skip
+EVAL_METHODS = (
+    "baseline-50", "steps-30", "steps-18", "steps-9", "ralu-4x", "ralu-7x", "fresco-30", "fresco-18",
+    "uniform-18", "semantic-18", "specedit-30", "specedit-18", "specedit-11", "specedit-9",
+    "specedit-18-tau0.4", "specedit-18-tau0.9", "specedit-18-ndraft4", "specedit-18-k2", "specedit-18-k4",
+    "specedit-18-draft6", "specedit-18-draft8", "nodraft-18", "specedit-18-reuse", "bottleneck-18",
+)  # fmt: skip
+T = 1e12
+Log = Callable[[str], None] | None
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Case:
+    """One held-out example: its position in the suite, its seed (also the noise seed) and the data."""
+
+    index: int
+    seed: int
+    example: Example = field(repr=False)
+
+    @property
+    def scope(self) -> str:
+        return "global" if self.example.kind in GLOBAL_EDITS else "local"
+
+
+def demo_cases(n: int = 4) -> list[Case]:
+    """The first ``n`` demo examples (fixed held-out seeds, local and global edits alternating)."""
+    if not 1 <= n <= len(DEMO_SEEDS):
+        raise ValueError(
+            f"the demo has {len(DEMO_SEEDS)} examples; n must be in 1..{len(DEMO_SEEDS)}, got {n}"
+        )
+    return [Case(i, s, make_example(s)) for i, s in enumerate(DEMO_SEEDS[:n])]
+
+
+def eval_cases(n: int, offset: int = 0, *, indices: Iterable[int] | None = None) -> list[Case]:
+    """Suite examples ``indices`` (default all ``n``): seed 6_000_000 + offset + i, a local edit for even seeds
+    and a global one for odd seeds."""
+    if n < 1 or offset < 0:
+        raise ValueError(f"need n >= 1 and offset >= 0, got n={n}, offset={offset}")
+    out = []
+    for i in range(n) if indices is None else indices:
+        seed = EVAL_FIRST_SEED + offset + i
+        out.append(Case(i, seed, make_example(seed, kinds=GLOBAL_EDITS if seed % 2 else LOCAL_EDITS)))
+    return out
+
+
+def parse_methods(names: str | Sequence[str], *, reference: str = BASELINE) -> list[str]:
+    """Method names (a comma-separated string or a list), checked, with ``reference`` first, no duplicates."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    table = all_methods()
+    unknown = [n for n in [reference, *names] if n not in table]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(table)}")
+    return list(dict.fromkeys([reference, *names]))
+
+
+def resolve(methods: str | Sequence[str] | Mapping[str, object], *, reference: str = BASELINE) -> dict:
+    """{name: method} with ``reference`` first: names are looked up in ``specedit.presets.methods()``; a
+    mapping may also hold custom configurations (e.g. a ``dataclasses.replace`` of a preset)."""
+    if isinstance(methods, Mapping):
+        table = all_methods()
+        if reference not in methods and reference not in table:
+            raise ValueError(f"unknown reference method {reference!r}")
+        return {reference: methods.get(reference, table.get(reference)), **methods}
+    table = all_methods()
+    return {n: table[n] for n in parse_methods(methods, reference=reference)}
+
+
+def load_toy(weights: str | os.PathLike | None = None, *, device="cpu", dtype=torch.float32) -> ToyEditor:
+    """The toy editor from ``weights`` (default: the shipped ``specedit/toy/weights``)."""
+    path = Path(weights) if weights is not None else WEIGHTS
+    if not (path / "config.json").is_file():
+        hint = "the shipped weights are not there yet" if weights is None else "not a toy editor folder"
+        raise FileNotFoundError(
+            f"no toy editor weights in {path} ({hint}): pass --weights DIR (a folder written by "
+            "`specedit train-toy`, e.g. runs/toy/weights)"
+        )
+    return ToyEditor.load(path, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- running
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_uint8(image: Tensor) -> np.ndarray:
+    """(3, H, W) or (1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    image = image[0] if image.ndim == 4 else image
+    return ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@dataclass
+class Outcome:
+    """One method's edit of one case: the image (1, 3, H, W) in [-1, 1], the result and its wall time."""
+
+    image: Tensor
+    result: object
+    latency_s: float
+
+
+@torch.no_grad()
+def run_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, warmup: bool = False,
+             log: Log = None) -> tuple[dict[str, Outcome], object]:  # fmt: skip
+    """Edit ``case`` with every method of ``named`` ({name: method}); each ``method.run`` is timed
+    (device-synchronised). Returns the outcomes and the editor adapter (for costs)."""
+    ed = toy.editor([case.example.source], case.example.instruction)
+    device = ed.source.device
+    if warmup:  # first-call allocations and kernel selection out of the timed runs
+        all_methods()["steps-9"].run(ed, case.seed)
+    out = {}
+    for name, method in named.items():
+        _sync(device)
+        t0 = time.perf_counter()
+        result = method.run(ed, case.seed)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        out[name] = Outcome(ed.decode(result.latent).clamp(-1, 1), result, seconds)
+        if log:
+            log(f"example {case.index} (seed {case.seed}) {name}: {seconds:.2f} s")
+    return out, ed
+
+
+def _f(x: Tensor) -> float:
+    return float(x.reshape(-1)[0])
+
+
+def score(case: Case, outcome: Outcome, reference: Tensor, editor, *, method: str) -> dict:
+    """The record of one (method, case): costs, fidelity to ``reference``, ground truth, verifier quality."""
+    ex = case.example
+    img, gt = outcome.image.float().cpu(), images_to_tensor([ex.target])
+    ref = reference.float().cpu()
+    edit = torch.from_numpy(ex.mask)[None]
+    keep = ~edit
+    result = outcome.result
+    rec = {
+        "method": method, "index": case.index, "seed": case.seed, "kind": ex.kind, "scope": case.scope,
+        "instruction": ex.instruction, "nfe": result.nfe, "tflops": result.flops(editor)["total"] / T,
+        "latency_s": outcome.latency_s,
+        "psnr_ref": _f(metrics.psnr(img, ref)), "psnr_ref_edit": _f(metrics.psnr(img, ref, edit)),
+        "psnr_ref_keep": _f(metrics.psnr(img, ref, keep)), "ssim_ref": _f(metrics.ssim(img, ref)),
+        "ssim_ref_edit": _f(metrics.ssim(img, ref, edit)), "ssim_ref_keep": _f(metrics.ssim(img, ref, keep)),
+        "psnr_gt": _f(metrics.psnr(img, gt)), "psnr_gt_edit": _f(metrics.psnr(img, gt, edit)),
+    }  # fmt: skip
+    verdict = result.verdict
+    if verdict is not None:
+        pred = verdict.edit if verdict.edit is not None else verdict.mask
+        pred = pred.cpu()
+        true = metrics.coarse_mask(edit, tuple(pred.shape[-2:]))
+        rec.update({
+            "expanded_fraction": float(verdict.mask.float().mean()), "edit_fraction": float(pred.float().mean()),
+            "true_fraction": float(true.float().mean()), "iou": _f(metrics.iou(pred, true)),
+            "precision": _f(metrics.precision(pred, true)), "recall": _f(metrics.recall(pred, true)),
+        })  # fmt: skip
+    return rec
+
+
+def evaluate(toy: ToyEditor, cases: Sequence[Case], methods, *, reference: str = BASELINE, log: Log = None,
+             keep: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
+    """Records of every (method, case) for ``methods`` (names or {name: method}, see :func:`resolve`; the
+    ``reference`` is added first); with ``keep`` also the outcomes per case index (for panels)."""
+    named = resolve(methods, reference=reference)
+    records, kept = [], {}
+    for j, case in enumerate(cases):
+        outcomes, ed = run_case(toy, case, named, warmup=j == 0, log=log)
+        ref = outcomes[reference].image
+        records += [score(case, o, ref, ed, method=name) for name, o in outcomes.items()]
+        if keep:
+            kept[case.index] = outcomes
+    return records, kept
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+def _mean(values: Iterable) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+FIDELITY = ("psnr_ref", "psnr_ref_edit", "psnr_ref_keep", "ssim_ref", "ssim_ref_edit", "ssim_ref_keep",
+            "psnr_gt", "psnr_gt_edit")  # fmt: skip
+
+
+def aggregate(records: Sequence[dict], *, reference: str = BASELINE) -> list[dict]:
+    """One row per method (in record order): means over examples, speedups over ``reference``, and the
+    verifier's IoU / precision / recall on local edits and expanded fraction on global ones.
+    Means skip undefined values (an empty region, a self-comparison's infinite PSNR)."""
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        by.setdefault(r["method"], []).append(r)
+    if reference not in by:
+        raise ValueError(f"the records hold no {reference!r} runs (the speedups' reference)")
+    rows = []
+    for name, rs in by.items():
+        local = [r for r in rs if r["scope"] == "local"]
+        glob = [r for r in rs if r["scope"] == "global"]
+        row = {"method": name, "n": len(rs), "n_local": len(local), "n_global": len(glob),
+               "nfe": _mean(r["nfe"] for r in rs), "tflops": _mean(r["tflops"] for r in rs),
+               "latency_s": _mean(r["latency_s"] for r in rs)}  # fmt: skip
+        row.update({k: _mean(r[k] for r in rs) for k in FIDELITY})
+        if "iou" in rs[0]:
+            row.update({f"{k}_local": _mean(r[k] for r in local) for k in ("iou", "precision", "recall")})
+            row["expanded_fraction_local"] = _mean(r["expanded_fraction"] for r in local)
+            row["expanded_fraction_global"] = _mean(r["expanded_fraction"] for r in glob)
+            row["expanded_fraction"] = _mean(r["expanded_fraction"] for r in rs)
+            row["iou"] = _mean(r["iou"] for r in rs)
+        rows.append(row)
+    base = next(r for r in rows if r["method"] == reference)
+    for row in rows:
+        row["flops_speedup"] = base["tflops"] / row["tflops"]
+        row["latency_speedup"] = base["latency_s"] / row["latency_s"]
+    return rows
+
+
+def clean(obj):
+    """JSON-safe copy: non-finite floats become None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    return obj
+
+
+def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(clean(r)) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _fmt(v, spec: str, width: int) -> str:
+    return ("-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)).rjust(
+        width
+    )
+
+
+DEMO_COLUMNS = (
+    ("NFE", "nfe", ".0f", 4), ("TFLOPs", "tflops", ".4f", 8), ("lat s", "latency_s", ".2f", 7),
+    ("x lat", "latency_speedup", ".2f", 6), ("x FLOPs", "flops_speedup", ".2f", 7),
+    ("PSNR", "psnr_ref", ".2f", 6), ("in", "psnr_ref_edit", ".2f", 6), ("out", "psnr_ref_keep", ".2f", 6),
+    ("SSIM", "ssim_ref", ".3f", 6), ("in", "ssim_ref_edit", ".3f", 6), ("out", "ssim_ref_keep", ".3f", 6),
+    ("PSNR gt", "psnr_gt", ".2f", 7), ("IoU", "iou", ".3f", 6), ("exp", "expanded_fraction", ".3f", 6),
+)  # fmt: skip
+EVAL_COLUMNS = (
+    ("NFE", "nfe", ".0f", 4), ("TFLOPs", "tflops", ".4f", 8), ("x FLOPs", "flops_speedup", ".2f", 7),
+    ("lat s", "latency_s", ".2f", 7), ("x lat", "latency_speedup", ".2f", 6),
+    ("PSNR", "psnr_ref", ".2f", 6), ("edit", "psnr_ref_edit", ".2f", 6), ("keep", "psnr_ref_keep", ".2f", 6),
+    ("SSIM", "ssim_ref", ".3f", 6), ("edit", "ssim_ref_edit", ".3f", 6), ("keep", "ssim_ref_keep", ".3f", 6),
+    ("gt", "psnr_gt", ".2f", 6), ("gt ed", "psnr_gt_edit", ".2f", 6), ("IoU L", "iou_local", ".3f", 6),
+    ("P L", "precision_local", ".3f", 6), ("R L", "recall_local", ".3f", 6),
+    ("exp G", "expanded_fraction_global", ".3f", 6),
+)  # fmt: skip
+
+
+def format_table(rows: Sequence[dict], columns=EVAL_COLUMNS, *, title: str = "") -> str:
+    """A fixed-width table of aggregated rows ("-": undefined, e.g. a method's fidelity to itself)."""
+    width = max([22, *(len(r["method"]) + 1 for r in rows)])
+    head = "method".ljust(width) + " ".join(c[0].rjust(c[3]) for c in columns)
+    lines = [title] if title else []
+    lines.append(head)
+    for r in rows:
+        lines.append(r["method"].ljust(width) + " ".join(_fmt(r.get(k), s, w) for _, k, s, w in columns))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- panels
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def _text_tile(text: str, size: tuple[int, int], *, font_size: int = 15, chars: int = 24) -> Image.Image:
+    tile = Image.new("RGB", size, (255, 255, 255))
+    wrapped = "\n".join(textwrap.fill(para, chars) for para in text.split("\n"))
+    ImageDraw.Draw(tile).multiline_text((8, 8), wrapped, fill=(0, 0, 0), font=_font(font_size), spacing=4)
+    return tile
+
+
+def token_overlay(image: Image.Image, verdict) -> Image.Image:
+    """``image`` with T_edit (the verified cells) in red and the rest of T_exp (the uniform grid) in blue."""
+    edit = verdict.edit if verdict.edit is not None else verdict.mask
+    rest = verdict.mask & ~edit
+    return mask_overlay(mask_overlay(image, rest[:1].cpu(), color=(40, 90, 255)), edit[:1].cpu())
+
+
+def panel(case: Case, outcomes: dict[str, Outcome], *, reference: str = BASELINE, scale: int = 2,
+          notes: dict[str, str] | None = None) -> Image.Image:  # fmt: skip
+    """input | instruction | reference | (method, its verified tokens over the input)... | ground truth."""
+    ex = case.example
+    big = lambda a: Image.fromarray(a).resize(
+        (a.shape[1] * scale, a.shape[0] * scale), Image.Resampling.NEAREST
+    )
+    src = big(ex.source)
+    tiles = [
+        ("input", src),
+        (
+            "instruction",
+            _text_tile(f"{ex.instruction}\n\n({ex.kind}, seed {case.seed})", src.size),
+        ),  # fmt: skip
+        (reference, big(to_uint8(outcomes[reference].image))),
+    ]
+    for name, o in outcomes.items():
+        if name == reference:
+            continue
+        tiles.append((name, big(to_uint8(o.image))))
+        if o.result.verdict is not None:
+            tiles.append((f"{name} tokens", token_overlay(src, o.result.verdict)))
+    tiles.append(("ground truth", big(ex.target)))
+    w, h = src.size
+    head, pad = 40, 4
+    sheet = Image.new("RGB", (len(tiles) * (w + pad) + pad, h + head + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = _font(13)
+    for i, (label, tile) in enumerate(tiles):
+        x = pad + i * (w + pad)
+        sheet.paste(tile, (x, head))
+        draw.text((x + 2, 4), label, fill=(0, 0, 0), font=font)
+        note = (notes or {}).get(label.removesuffix(" tokens") if label.endswith(" tokens") else label)
+        if note and not label.endswith(" tokens"):
+            draw.text((x + 2, 21), note, fill=(90, 90, 90), font=font)
+        elif label.endswith(" tokens"):
+            draw.text((x + 2, 21), "red: verified, blue: grid", fill=(90, 90, 90), font=font)
+    return sheet
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def demo(
+    toy: ToyEditor, out: str | os.PathLike, *, methods=DEMO_METHODS, n: int = 4, log: Log = None
+) -> dict:
+    """Edit the demo examples with the baseline and ``methods`` (names or {name: method}); write one panel per
+    example and report.json. Returns the report (aggregated rows under "methods", per-example records under
+    "records", the panels' paths under "examples")."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cases = demo_cases(n)
+    records, kept = evaluate(toy, cases, methods, log=log, keep=True)
+    rows = aggregate(records)
+    examples = []
+    for case in cases:
+        recs = {r["method"]: r for r in records if r["index"] == case.index}
+        notes = {
+            m: f"{r['psnr_ref']:.1f} dB, {r['tflops'] * 1e3:.1f} GF" for m, r in recs.items() if m != BASELINE
+        }
+        path = out / f"panel_{case.index}_{case.example.kind}.png"
+        panel(case, kept[case.index], notes=notes).save(path)
+        examples.append({"index": case.index, "seed": case.seed, "kind": case.example.kind, "scope": case.scope,
+                         "instruction": case.example.instruction, "panel": str(path)})  # fmt: skip
+    report = {
+        "methods": rows, "examples": examples, "records": records, "reference": BASELINE,
+        "device": str(toy.device), "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    (out / "report.json").write_text(json.dumps(clean(report), indent=1))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a single process when they are not set)."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return cls()
+        return cls(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        )
+
+    def device(self, requested: str | None = None) -> torch.device:
+        """``requested``, or this rank's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
+        if requested is not None:
+            dev = torch.device(requested)
+            if dev.type == "cuda" and dev.index is None and self.world > 1:
+                dev = torch.device("cuda", self.local_rank)
+            return dev
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def shard(self, n: int) -> list[int]:
+        """The example indices of this rank: i with i mod world == rank."""
+        return list(range(self.rank, n, self.world))
+
+
+def _gather(records: list[dict], dist: Dist, device: torch.device) -> list[dict] | None:
+    """All ranks' records on rank 0 (None elsewhere); a single process returns its own."""
+    if dist.world == 1:
+        return records
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    parts: list = [None] * dist.world
+    td.all_gather_object(parts, records)
+    td.barrier()
+    td.destroy_process_group()
+    return [r for part in parts for r in part] if dist.rank == 0 else None
+
+
+def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int = 0, reference: str = BASELINE,
+                   dist: Dist | None = None, log: Log = None) -> list[dict] | None:  # fmt: skip
+    """Records of the eval suite for ``methods`` (names or {name: method}), sharded over the ranks of ``dist``
+    (default: from the environment); the merged records (ordered by method, then example) on rank 0, None on
+    the other ranks."""
+    dist = dist or Dist.from_env()
+    names = list(resolve(methods, reference=reference))
+    records, _ = evaluate(
+        toy, eval_cases(n, offset, indices=dist.shard(n)), methods, reference=reference, log=log
+    )
+    merged = _gather(records, dist, toy.device)
+    if merged is None:
+        return None
+    order = {m: i for i, m in enumerate(names)}
+    return sorted(merged, key=lambda r: (order[r["method"]], r["index"]))
+
+
+def write_suite(records: Sequence[dict], out: str | os.PathLike, *, reference: str = BASELINE,
+                plot: bool = True) -> dict:  # fmt: skip
+    """metrics.jsonl (one aggregated row per method), examples.jsonl (one per method and example) and the
+    speed-versus-quality plot (when matplotlib is importable); returns the rows and the paths written."""
+    out = Path(out)
+    rows = aggregate(records, reference=reference)
+    paths = {"metrics": str(write_jsonl(rows, out / "metrics.jsonl")),
+             "examples": str(write_jsonl(records, out / "examples.jsonl"))}  # fmt: skip
+    note = None
+    if plot:
+        from specedit import viz_plots
+
+        if viz_plots.available():
+            paths["plot"] = str(
+                viz_plots.save_speed_quality(rows, out / "speed_quality.png", reference=reference)
+            )
+        else:
+            note = "matplotlib is not installed: no plot (pip install 'specedit[notebooks]')"
+    return {"rows": rows, "paths": paths, "note": note}
