@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_edit(sub)
     _add_train_toy(sub)
+    from specedit.toy.cli_commands import add_commands  # demo, eval
+
+    add_commands(sub)
     argv = sys.argv[1:] if argv is None else argv
     a = parser.parse_args(argv)
     a.argv = argv

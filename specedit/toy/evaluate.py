@@ -34,11 +34,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from specedit.presets import methods as all_methods
+from specedit.presets import methods
 from specedit.toy import metrics
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, Example, make_example
 from specedit.toy.model import WEIGHTS, ToyEditor, images_to_tensor
 from specedit.viz import mask_overlay
+
+
+def all_methods() -> dict:
+    """The named methods with the toy editor's calibration (``specedit.presets`` family "toy")."""
+    return methods("toy")
+
 
 BASELINE = "baseline-50"
 # held-out demo edits (add, background, recolour, darker, move, background): local and global alternate
@@ -348,41 +354,36 @@ def token_overlay(image: Image.Image, verdict) -> Image.Image:
 
 def panel(case: Case, outcomes: dict[str, Outcome], *, reference: str = BASELINE, scale: int = 2,
           notes: dict[str, str] | None = None) -> Image.Image:  # fmt: skip
-    """input | instruction | reference | (method, its verified tokens over the input)... | ground truth."""
+    """input | instruction | reference | (method, its verified tokens over the input)... | ground truth, each
+    tile ``scale`` times enlarged under a label and an optional note (``notes`` by method name)."""
     ex = case.example
     big = lambda a: Image.fromarray(a).resize(
         (a.shape[1] * scale, a.shape[0] * scale), Image.Resampling.NEAREST
     )
     src = big(ex.source)
+    text = _text_tile(f"{ex.instruction}\n\n({ex.kind}, seed {case.seed})", src.size)
     tiles = [
-        ("input", src),
-        (
-            "instruction",
-            _text_tile(f"{ex.instruction}\n\n({ex.kind}, seed {case.seed})", src.size),
-        ),  # fmt: skip
-        (reference, big(to_uint8(outcomes[reference].image))),
+        ("input", src, ""),
+        ("instruction", text, ""),
+        (reference, big(to_uint8(outcomes[reference].image)), ""),
     ]
     for name, o in outcomes.items():
         if name == reference:
             continue
-        tiles.append((name, big(to_uint8(o.image))))
+        tiles.append((name, big(to_uint8(o.image)), (notes or {}).get(name, "")))
         if o.result.verdict is not None:
-            tiles.append((f"{name} tokens", token_overlay(src, o.result.verdict)))
-    tiles.append(("ground truth", big(ex.target)))
-    w, h = src.size
-    head, pad = 40, 4
+            tiles.append(
+                (f"{name} tokens", token_overlay(src, o.result.verdict), "red: verified, blue: grid")
+            )
+    tiles.append(("ground truth", big(ex.target), ""))
+    (w, h), head, pad = src.size, 40, 4
     sheet = Image.new("RGB", (len(tiles) * (w + pad) + pad, h + head + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = _font(13)
-    for i, (label, tile) in enumerate(tiles):
+    draw, font = ImageDraw.Draw(sheet), _font(13)
+    for i, (label, tile, note) in enumerate(tiles):
         x = pad + i * (w + pad)
         sheet.paste(tile, (x, head))
         draw.text((x + 2, 4), label, fill=(0, 0, 0), font=font)
-        note = (notes or {}).get(label.removesuffix(" tokens") if label.endswith(" tokens") else label)
-        if note and not label.endswith(" tokens"):
-            draw.text((x + 2, 21), note, fill=(90, 90, 90), font=font)
-        elif label.endswith(" tokens"):
-            draw.text((x + 2, 21), "red: verified, blue: grid", fill=(90, 90, 90), font=font)
+        draw.text((x + 2, 21), note, fill=(90, 90, 90), font=font)
     return sheet
 
 
@@ -455,14 +456,15 @@ def _gather(records: list[dict], dist: Dist, device: torch.device) -> list[dict]
         return records
     import torch.distributed as td
 
-    if not td.is_initialized():
+    owned = not td.is_initialized()
+    if owned:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         td.init_process_group("nccl" if device.type == "cuda" else "gloo")
     parts: list = [None] * dist.world
     td.all_gather_object(parts, records)
-    td.barrier()
-    td.destroy_process_group()
+    if owned:
+        td.destroy_process_group()
     return [r for part in parts for r in part] if dist.rank == 0 else None
 
 

@@ -261,8 +261,10 @@ def train_dit(
         raise ValueError("steps 0 (auto) needs a time budget (minutes)")
     t0, seen = time.time(), 0
     while (total == 0 or step < total) and (t_end is None or time.time() < t_end):
-        if total == 0 and seen == 30:  # auto: the schedule ends with the time budget (5 % margin)
-            per_step = (time.time() - t0) / seen
+        if total == 0 and seen == 10:
+            t_calib = time.time()  # the first steps carry warm-up (allocator, kernel selection): not timed
+        if total == 0 and seen == 40:  # auto: the schedule ends with the time budget (5 % margin)
+            per_step = (time.time() - t_calib) / 30
             total = step + max(1, int(0.95 * (t_end - time.time()) / per_step))
         horizon = total or 10**9
         warm = min(1.0, (step + 1) / cfg.warmup)
