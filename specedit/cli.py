@@ -319,11 +319,14 @@ def _train_toy(a: argparse.Namespace) -> dict:
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
             bar.update(1)
 
+    if a.res_probs:
+        overrides["res_probs"] = tuple(float(x) for x in a.res_probs.split(","))
     return train_toy(
         a.run,
         device=a.device,
         minutes=a.minutes,
         ae_from=a.ae_from,
+        init_from=a.init_from,
         workers=a.workers,
         out=a.out,
         log=log,
@@ -340,6 +343,12 @@ def _add_train_toy(sub) -> None:
     p.add_argument("--background", action="store_true", help="run detached; progress goes to RUN/train.out")
     p.add_argument("--ae-from", default=None, help="take the autoencoder from a trained toy editor folder")
     p.add_argument("--workers", type=int, default=0, help="processes generating the dataset")
+    p.add_argument(
+        "--init-from", default=None, help="start the transformer and text encoder from a toy editor folder"
+    )
+    p.add_argument(
+        "--res-probs", default=None, help="batch mix: full,2x,4x,mixed probabilities (e.g. 0.4,0.2,0.1,0.3)"
+    )
     for name, kind in (
         ("steps", int),
         ("batch", int),

@@ -64,6 +64,8 @@ def specedit_sampler(nfe: int, family: str = "flux") -> MixedResSampler:
 
 
 def specedit(nfe: int, family: str = "flux") -> SpecEdit:
+    if family == "toy":
+        return SpecEdit(drafter=TOY_DRAFTER, verifier=TOY_VERIFIER, sampler=specedit_sampler(nfe, family))
     return SpecEdit(
         drafter=LowResDrafter(), verifier=FeatureVerifier(), sampler=specedit_sampler(nfe, family)
     )

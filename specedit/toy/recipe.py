@@ -63,6 +63,7 @@ def train_toy(
     device: str = "cpu",
     minutes: float | None = None,
     ae_from: str | None = None,
+    init_from: str | None = None,
     workers: int = 0,
     out: str | Path | None = None,
     log: Callable[[dict], None] | None = None,
@@ -113,6 +114,10 @@ def train_toy(
         stats_path.write_text(json.dumps(summary["ae"]))
     editor.ae.to(device).eval()
 
+    if init_from is not None and not (run / "dit_ckpt.safetensors").is_file():  # fine-tune trained weights
+        donor = ToyEditor.load(init_from)
+        editor.dit.load_state_dict(donor.dit.state_dict())
+        editor.text.load_state_dict(donor.text.state_dict())
     data = load_or_encode_dataset(editor, examples, cfg, run, device=device)
     del examples
     summary["dit"] = train_dit(editor, data, cfg, run, device=device, minutes=left(), log=record)

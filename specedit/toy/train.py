@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from models.packing import grid_ids, pack
+from samplers.field import dc
+from samplers.layout import Layout, mixed_indices
 from samplers.schedules import FLUX_SCHEDULE, time_shift
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, make_example
 from specedit.toy.model import IMAGE_SIZE, ToyEditor, toy_tokenizer
@@ -62,7 +64,9 @@ class ToyTrainConfig:
     weight_decay: float = 0.01
     ema: float = 0.998
     edit_weight: float = 4.0
-    res_probs: tuple[float, float, float] = (0.6, 0.25, 0.15)  # latents at 1x, 2x and 4x coarser
+    # batches at 1x, 2x, 4x coarser latents, and mixed layouts (SpecEdit's middle stage: coarse cells and the
+    # 2x2 children of a random subset at fractional positions, coarse reference)
+    res_probs: tuple[float, ...] = (0.6, 0.25, 0.15, 0.0)
     ckpt_every: int = 250
 
 
@@ -207,10 +211,13 @@ def dit_loss(
     edit_weight: float,
     device,
 ) -> Tensor:
-    """Weighted rectified-flow loss of one batch at a latent ``factor`` times coarser."""
+    """Weighted rectified-flow loss of one batch at a latent ``factor`` times coarser, or (``factor`` "mixed") on
+    a mixed-resolution layout."""
     x0 = data["target"][idx].to(device).float()
     ref = data["source"][idx].to(device).float()
     mask = data["mask"][idx].to(device).float()
+    if factor == "mixed":
+        return _mixed_loss(editor, data, idx, x0, ref, mask, g, edit_weight, device)
     if factor > 1:
         x0, ref = F.avg_pool2d(x0, factor), F.avg_pool2d(ref, factor)
         mask = F.max_pool2d(mask[:, None], factor)[:, 0]
@@ -228,6 +235,48 @@ def dit_loss(
         v = editor.dit(img, ids, txt, torch.zeros(1, txt.shape[1], 3, device=device), t, y)[:, :n]
     err = (v.float() - pack(eps - x0)).pow(2).mean(-1)  # (b, n)
     w = 1 + edit_weight * mask.flatten(1)
+    return (w * err).sum() / w.sum()
+
+
+def _mixed_loss(
+    editor: ToyEditor,
+    data,
+    idx,
+    x0: Tensor,
+    ref: Tensor,
+    mask: Tensor,
+    g: torch.Generator,
+    edit_weight: float,
+    device,
+) -> Tensor:
+    """The loss on a layout like SpecEdit's mixed stage, built the way the sampler builds it: kept coarse cells
+    carry the area-pooled signal and the Haar DC of the noise, children the full-resolution signal and noise
+    (positions from ``Layout.mixed``), the reference sits at the coarse level."""
+    b, _, H, W = x0.shape
+    hc, wc = H // 4, W // 4
+    frac = float(torch.empty(1).uniform_(0.05, 0.6, generator=g))
+    cells = torch.rand(hc * wc, generator=g) < frac
+    expanded = cells.view(hc, wc)
+    keep, children = (t.to(device) for t in mixed_indices(expanded))
+    eps = torch.randn(x0.shape, generator=g).to(device)
+    u = torch.sigmoid(torch.randn(b, generator=g)).to(device)
+    layout = Layout.mixed(expanded, ref_factor=2.0)
+    n = len(layout)
+    t = time_shift(u, FLUX_SCHEDULE.mu(n))[:, None, None]
+    x0_tok = torch.cat([pack(F.avg_pool2d(x0, 2))[:, keep], pack(x0)[:, children]], 1)
+    eps_tok = torch.cat([pack(dc(eps))[:, keep], pack(eps)[:, children]], 1)
+    fine_mask = mask.flatten(1)
+    coarse_mask = F.max_pool2d(mask[:, None], 2)[:, 0].flatten(1)
+    w = 1 + edit_weight * torch.cat([coarse_mask[:, keep], fine_mask[:, children]], 1)
+    xt = (1 - t) * x0_tok + t * eps_tok
+    ref_c = F.avg_pool2d(ref, 2)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        txt, y = editor.text(data["ids"][idx].to(device))
+        img = torch.cat([xt, pack(ref_c)], 1)
+        pos = torch.stack([torch.zeros_like(layout.rows), layout.rows, layout.cols], -1)
+        ids = torch.cat([pos, grid_ids((hc, wc), axis0=1.0)]).to(device)
+        v = editor.dit(img, ids, txt, torch.zeros(1, txt.shape[1], 3, device=device), t[:, 0, 0], y)[:, :n]
+    err = (v.float() - (eps_tok - x0_tok)).pow(2).mean(-1)
     return (w * err).sum() / w.sum()
 
 
@@ -273,7 +322,7 @@ def train_dit(
             group["lr"] = lr
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         idx = torch.randint(n_data, (cfg.batch,), generator=g)
-        factor = (1, 2, 4)[int(torch.multinomial(factors, 1, generator=g))]
+        factor = (1, 2, 4, "mixed")[int(torch.multinomial(factors, 1, generator=g))]
         loss = dit_loss(editor, data, idx, factor, g, cfg.edit_weight, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -73,3 +73,13 @@ def test_qwen_meta_speedups_near_the_paper_at_its_setting():
     )
     for r, paper in zip(rows, (3.27, 5.40, 7.07)):
         assert r["flops_speedup"] == pytest.approx(paper, rel=0.10), r
+
+
+def test_toy_family_uses_its_calibration():
+    from specedit.presets import TOY_DRAFTER, TOY_VERIFIER
+
+    table = methods("toy")
+    for name in ("specedit-30", "specedit-18", "specedit-11", "specedit-9"):
+        assert table[name].drafter == TOY_DRAFTER and table[name].verifier == TOY_VERIFIER, name
+    assert table["specedit-18-tau0.4"].verifier.reference == "roundtrip"
+    assert table["specedit-18-draft4"].drafter.factor == 4 and methods("flux")["specedit-18"].drafter.factor == 4
