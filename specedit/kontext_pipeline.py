@@ -23,7 +23,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,8 +42,8 @@ from samplers.mixed_res import FullResSampler
 from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule
 from specedit import presets
 from specedit.kontext import KontextEditor
-from specedit.method import Baseline, EditResult
-from specedit.viz import mask_overlay
+from specedit.method import Baseline
+from specedit.viz import EditOutput
 
 REPO_ID = "black-forest-labs/FLUX.1-Kontext-dev"
 # component -> (diffusers folder, BFL single file in the repo root that may replace it)
@@ -158,40 +158,8 @@ class OnDemandAE:
 
 
 # ----------------------------------------------------------------------------------------------- output
-@dataclass(frozen=True, eq=False)
-class KontextOutput:
-    """One edit: the images, the latent and the method's account of its work.
-
-    images: b PIL images; pixels: (b, 3, H, W) float32 in [0, 1] on the CPU; latent: (b, z, h, w) normalised;
-    reference: the input at the working size; seconds: wall time of "encode" (image and prompt), "sample",
-    "decode" and "total".
-    """
-
-    images: list[Image.Image]
-    pixels: Tensor
-    latent: Tensor
-    result: EditResult
-    editor: KontextEditor
-    reference: Image.Image
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def image(self) -> Image.Image:
-        return self.images[0]
-
-    @property
-    def mask(self) -> Tensor | None:
-        """(hc, wc) bool cells the verifier sent to full resolution (first sample); None for baselines."""
-        verdict = self.result.verdict
-        return None if verdict is None else verdict.mask[0].detach().cpu()
-
-    def flops(self) -> dict[str, float]:
-        """FLOPs of the transformer and verifier work per part, plus "total" (see ``EditResult.flops``)."""
-        return self.result.flops(self.editor)
-
-    def overlay(self) -> Image.Image | None:
-        """The reference with the verified cells tinted (None without a mask)."""
-        return None if self.mask is None else mask_overlay(self.reference, self.mask)
+class KontextOutput(EditOutput):
+    """A Kontext edit (see ``EditOutput``); seconds: "encode" (image and prompt), "sample", "decode", "total"."""
 
 
 # ----------------------------------------------------------------------------------------------- pipeline

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +51,9 @@ from models.qwen_processor import (
 from samplers.mixed_res import FullResSampler
 from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule
 from specedit import presets
-from specedit.method import Baseline, EditResult
+from specedit.method import Baseline
 from specedit.qwen import QwenEditor
-from specedit.viz import mask_overlay
+from specedit.viz import EditOutput
 
 VARIANTS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit-plus"}
 AREA = 1024 * 1024  # VAE working area (diffusers VAE_IMAGE_SIZE)
@@ -102,47 +102,9 @@ def schedule_from_diffusers(c: dict) -> ShiftSchedule:
     )
 
 
-@dataclass(frozen=True, eq=False)
-class QwenOutput:
-    """One edit: the image, its latent, the method's account, the editor, wall times and one-off FLOPs.
-
-    images: b PIL images; pixels: (b, 3, H, W) float32 in [0, 1] on the CPU; latent: (b, z, h, w)
-    normalised; reference: the source (last input) image at the working size; seconds: wall time of
-    "encode_prompt", "encode_image", "sample", "decode" and "total" (per stage: ``result.seconds``);
-    one_off: FLOPs of the prompt encoding (both branches), the reference encoding and the final decode.
-    """
-
-    images: list[Image.Image]
-    pixels: Tensor
-    latent: Tensor
-    result: EditResult
-    editor: QwenEditor
-    reference: Image.Image
-    seconds: dict[str, float] = field(default_factory=dict)
-    one_off: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def image(self) -> Image.Image:
-        return self.images[0]
-
-    @property
-    def mask(self) -> Tensor | None:
-        """(hc, wc) bool cells the verifier sent to full resolution (first sample); None for baselines."""
-        verdict = self.result.verdict
-        return None if verdict is None else verdict.mask[0].detach().cpu()
-
-    def flops(self) -> dict[str, float]:
-        """FLOPs per sampling part (as ``EditResult.flops``), their sum "sampling", the one-off parts
-        ("text_encoder", "vae_encode", "vae_decode") and "total"."""
-        out = self.result.flops(self.editor)
-        out["sampling"] = out.pop("total")
-        out.update(self.one_off)
-        out["total"] = out["sampling"] + sum(self.one_off.values())
-        return out
-
-    def overlay(self) -> Image.Image | None:
-        """The reference with the verified cells tinted (None without a mask)."""
-        return None if self.mask is None else mask_overlay(self.reference, self.mask)
+class QwenOutput(EditOutput):
+    """A Qwen-Image-Edit edit (see ``EditOutput``); seconds: "encode_prompt", "encode_image", "sample", "decode",
+    "total"; one_off: FLOPs of the prompt encoding (both branches), the reference encoding, the final decode."""
 
 
 def resolve_method(method, steps: int = 50):
