@@ -53,8 +53,8 @@ DEMO_METHODS = ("specedit-18", "specedit-9")
 EVAL_FIRST_SEED = 6_000_000
 ABLATION_METHODS = (
     "specedit-18", "specedit-18-tau0.4", "specedit-18-tau0.9", "specedit-18-ndraft4", "specedit-18-k2",
-    "specedit-18-k4", "specedit-18-draft6", "specedit-18-draft8", "nodraft-18", "semantic-18", "uniform-18",
-    "specedit-18-reuse",
+    "specedit-18-k4", "specedit-18-draft6", "specedit-18-draft8", "specedit-18-z1", "nodraft-18", "semantic-18",
+    "uniform-18", "specedit-18-reuse",
 )  # fmt: skip
 BASELINE_METHODS = (
     "steps-30", "steps-18", "steps-9", "ralu-4x", "ralu-7x", "fresco-30", "fresco-18", "bottleneck-30",
@@ -64,7 +64,8 @@ EVAL_METHODS = (
     "baseline-50", "steps-30", "steps-18", "steps-9", "ralu-4x", "ralu-7x", "fresco-30", "fresco-18",
     "uniform-18", "semantic-18", "specedit-30", "specedit-18", "specedit-11", "specedit-9",
     "specedit-18-tau0.4", "specedit-18-tau0.9", "specedit-18-ndraft4", "specedit-18-k2", "specedit-18-k4",
-    "specedit-18-draft6", "specedit-18-draft8", "nodraft-18", "specedit-18-reuse", "bottleneck-18",
+    "specedit-18-draft6", "specedit-18-draft8", "specedit-18-z1", "nodraft-18", "specedit-18-reuse",
+    "bottleneck-18",
 )  # fmt: skip
 T = 1e12
 Log = Callable[[str], None] | None

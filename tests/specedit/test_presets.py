@@ -7,7 +7,7 @@ import pytest
 from samplers.ntdm import fit_ntdm, objective
 from specedit.bench import meta_rows
 from specedit.cli import main
-from specedit.presets import FITTED, H_ORI, RALU, SPLITS, methods
+from specedit.presets import FITTED, FREE_FIT, H_ORI, RALU, SPLITS, Z_FLOOR, methods
 
 PAPER_FLUX_SPEEDUP = {"specedit-30": 3.31, "specedit-18": 5.38, "specedit-11": 6.92, "specedit-9": 7.37}
 
@@ -28,12 +28,22 @@ def test_ntdm_at_least_as_good_as_ralu_7x():
     assert fit_ntdm(steps, ends, 3.0)[2] <= ralu_jsd + 1e-5
 
 
-@pytest.mark.parametrize("family,nfe", [("flux", 18), ("flux", 9), ("qwen", 18)])
+@pytest.mark.parametrize("family,nfe", [("flux", 18), ("flux", 9), ("qwen", 18), ("toy", 18), ("toy", 11)])
 def test_preset_values_are_the_fits(family, nfe):
     steps, ends = SPLITS[nfe]
-    shifts, z, _ = fit_ntdm(steps, ends, H_ORI[family], z_bounds=(1.0, 100.0))
+    shifts, z, _ = fit_ntdm(steps, ends, H_ORI[family], z_bounds=(Z_FLOOR[family], 100.0))
     assert shifts == pytest.approx(FITTED[(family, nfe)][0], abs=2e-3)
     assert z == pytest.approx(FITTED[(family, nfe)][1], abs=2e-3)
+
+
+def test_free_fit_ablation_is_the_unfloored_fit():
+    steps, ends = SPLITS[18]
+    shifts, z, _ = fit_ntdm(steps, ends, H_ORI["toy"], z_bounds=(1.0, 100.0))
+    assert shifts == pytest.approx(FREE_FIT[("toy", 18)][0], abs=2e-3)
+    assert z == pytest.approx(FREE_FIT[("toy", 18)][1], abs=2e-3) and z < Z_FLOOR["toy"]
+    ablation = methods("toy")["specedit-18-z1"].sampler
+    assert (ablation.shifts, ablation.z) == FREE_FIT[("toy", 18)]
+    assert "specedit-18-z1" not in methods("flux")
 
 
 def test_meta_flops_speedups_match_the_paper():
@@ -82,4 +92,6 @@ def test_toy_family_uses_its_calibration():
     for name in ("specedit-30", "specedit-18", "specedit-11", "specedit-9"):
         assert table[name].drafter == TOY_DRAFTER and table[name].verifier == TOY_VERIFIER, name
     assert table["specedit-18-tau0.4"].verifier.reference == "roundtrip"
-    assert table["specedit-18-draft4"].drafter.factor == 4 and methods("flux")["specedit-18"].drafter.factor == 4
+    assert (
+        table["specedit-18-draft4"].drafter.factor == 4 and methods("flux")["specedit-18"].drafter.factor == 4
+    )
