@@ -90,13 +90,18 @@ def toy_tokenizer(max_length: int = TEXT_TOKENS) -> FastTokenizer:
 
 
 def images_to_tensor(images) -> Tensor:
-    """uint8 (H, W, 3) arrays / a (b, H, W, 3) array / PIL images -> (b, 3, H, W) float32 in [-1, 1]."""
-    if isinstance(images, Tensor):
+    """uint8 (H, W, 3) arrays / a (b, H, W, 3) uint8 array or tensor / PIL images -> (b, 3, H, W) float32 in
+    [-1, 1]. A floating-point tensor is taken as (b, 3, H, W) in [-1, 1] already."""
+    if isinstance(images, Tensor) and images.is_floating_point():
         return images.float()
-    if isinstance(images, np.ndarray) and images.ndim == 3:
-        images = [images]
-    arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if isinstance(images, Tensor):
+        batch = images
+    else:
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+        batch = torch.from_numpy(arr)
+    return batch.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @dataclass(eq=False)

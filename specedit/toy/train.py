@@ -38,7 +38,7 @@ from samplers.field import dc
 from samplers.layout import Layout, mixed_indices
 from samplers.schedules import FLUX_SCHEDULE, time_shift
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, make_example
-from specedit.toy.model import IMAGE_SIZE, ToyEditor, toy_tokenizer
+from specedit.toy.model import IMAGE_SIZE, ToyEditor, images_to_tensor, toy_tokenizer
 
 KINDS = LOCAL_EDITS + GLOBAL_EDITS
 
@@ -81,7 +81,7 @@ def _ae_batch(step: int, cfg: ToyTrainConfig, bank: Tensor, crop: int | None = N
             torch.randint(0, (IMAGE_SIZE - crop) // 4 + 1, (2,), generator=g) * 4
         ).tolist()  # 4 px aligned
         images = images[:, r : r + crop, c : c + crop]
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images_to_tensor(images)
 
 
 def train_ae(
@@ -96,10 +96,10 @@ def train_ae(
 ) -> dict:
     """Train ``editor.ae`` (resuming from ``run/ae_ckpt.safetensors``), then set its latent statistics."""
     ae = editor.ae.to(device).train()
-    with torch.no_grad():  # start the posterior nearly deterministic: with logvar ~ 0 its noise (std 1) hides
-        ae.encoder.conv_out.bias[ae.config.z_channels :].fill_(
-            -8.0
-        )  # the signal until the encoder shrinks it
+    # start the posterior nearly deterministic: with logvar ~ 0 its noise (std 1) hides the signal until the
+    # encoder learns to shrink it
+    with torch.no_grad():
+        ae.encoder.conv_out.bias[ae.config.z_channels :].fill_(-8.0)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
     step = _resume(run / "ae_ckpt.safetensors", {"ae": ae}, {}, opt)
     t_end = None if minutes is None else time.time() + 60 * minutes
@@ -168,7 +168,7 @@ def encode_examples(
     with torch.no_grad():
         for i in range(0, examples["source"].shape[0], batch):
             for key in out:
-                x = examples[key][i : i + batch].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+                x = images_to_tensor(examples[key][i : i + batch]).to(device)
                 out[key].append(ae.encode(x).half().cpu())
     token = IMAGE_SIZE // 16  # pixels per token side on the 16 x 16 fine grid
     masks = F.max_pool2d(examples["mask"][:, None].float(), token)[:, 0] > 0
@@ -228,14 +228,21 @@ def dit_loss(
     t = time_shift(u, FLUX_SCHEDULE.mu(n))
     eps = torch.randn(x0.shape, generator=g).to(device)
     xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        txt, y = editor.text(data["ids"][idx].to(device))
-        img = torch.cat([pack(xt), pack(ref)], 1)
-        ids = torch.cat([grid_ids(grid), grid_ids(grid, axis0=1.0)]).to(device)
-        v = editor.dit(img, ids, txt, torch.zeros(1, txt.shape[1], 3, device=device), t, y)[:, :n]
-    err = (v.float() - pack(eps - x0)).pow(2).mean(-1)  # (b, n)
+    ids = torch.cat([grid_ids(grid), grid_ids(grid, axis0=1.0)])
+    v = _velocity(editor, data["ids"][idx], torch.cat([pack(xt), pack(ref)], 1), ids, t, n, device)
+    err = (v - pack(eps - x0)).pow(2).mean(-1)  # (b, n)
     w = 1 + edit_weight * mask.flatten(1)
     return (w * err).sum() / w.sum()
+
+
+def _velocity(
+    editor: ToyEditor, text_ids: Tensor, img: Tensor, ids: Tensor, t: Tensor, n: int, device
+) -> Tensor:
+    """fp32 velocity of the first ``n`` image tokens (the target; the reference follows), bf16 autocast on GPUs."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        txt, y = editor.text(text_ids.to(device))
+        txt_ids = torch.zeros(1, txt.shape[1], 3, device=device)
+        return editor.dit(img, ids.to(device), txt, txt_ids, t, y)[:, :n].float()
 
 
 def _mixed_loss(
@@ -270,13 +277,10 @@ def _mixed_loss(
     w = 1 + edit_weight * torch.cat([coarse_mask[:, keep], fine_mask[:, children]], 1)
     xt = (1 - t) * x0_tok + t * eps_tok
     ref_c = F.avg_pool2d(ref, 2)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        txt, y = editor.text(data["ids"][idx].to(device))
-        img = torch.cat([xt, pack(ref_c)], 1)
-        pos = torch.stack([torch.zeros_like(layout.rows), layout.rows, layout.cols], -1)
-        ids = torch.cat([pos, grid_ids((hc, wc), axis0=1.0)]).to(device)
-        v = editor.dit(img, ids, txt, torch.zeros(1, txt.shape[1], 3, device=device), t[:, 0, 0], y)[:, :n]
-    err = (v.float() - (eps_tok - x0_tok)).pow(2).mean(-1)
+    pos = torch.stack([torch.zeros_like(layout.rows), layout.rows, layout.cols], -1)
+    ids = torch.cat([pos, grid_ids((hc, wc), axis0=1.0)])
+    v = _velocity(editor, data["ids"][idx], torch.cat([xt, pack(ref_c)], 1), ids, t[:, 0, 0], n, device)
+    err = (v - (eps_tok - x0_tok)).pow(2).mean(-1)
     return (w * err).sum() / w.sum()
 
 
