@@ -19,7 +19,7 @@ from torch import Tensor
 from models import flux, flux_ae
 from models.loading import build_on_meta
 from models.packing import grid_of
-from specedit.kontext import KontextCosts, KontextEditor
+from specedit.kontext.editor import KontextCosts, KontextEditor
 from specedit.method import Baseline, SpecEdit
 from specedit.presets import methods
 from verify.verifiers import CannyVerifier, FeatureVerifier, FixedVerifier, VarianceVerifier
@@ -91,7 +91,7 @@ def meta_costs(family: str, grid: tuple[int, int], text_tokens: int | None = Non
         return KontextCosts(cfg.model, cfg.ae, text_tokens or cfg.text_tokens, grid)
     if family == "qwen":
         from models import qwen_image, qwen_image_vae
-        from specedit.qwen import QwenCosts
+        from specedit.qwen.editor import QwenCosts
 
         n = text_tokens or 1400
         return QwenCosts(

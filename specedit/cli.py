@@ -204,14 +204,14 @@ def _edit(a: argparse.Namespace) -> dict:
     weights = a.weights or EDIT_MODELS[a.model]
     common = dict(method=a.method, seed=a.seed, height=a.height, width=a.width, progress=not a.quiet)
     if a.model == "flux-kontext-dev":
-        from specedit.kontext_pipeline import KontextPipeline
+        from specedit.kontext.pipeline import KontextPipeline
 
         if len(a.image) != 1:
             raise ValueError(f"flux-kontext-dev edits one image, got {len(a.image)} --image arguments")
         pipe = KontextPipeline.from_pretrained(weights, dtype=dtype, device=a.device)
         out = pipe.edit(a.image[0], a.prompt, steps=a.steps or 28, guidance=a.guidance, **common)
     else:
-        from specedit.qwen_pipeline import QwenEditPipeline
+        from specedit.qwen.pipeline import QwenEditPipeline
 
         if a.model == "qwen-image-edit" and len(a.image) != 1:
             raise ValueError(

@@ -5,7 +5,7 @@ from refs import randomize_
 
 from models.flux import FLUX_TINY, Flux
 from models.flux_ae import FLUX_AE_TINY, AutoEncoder
-from specedit.kontext import KontextEditor
+from specedit.kontext.editor import KontextEditor
 
 
 def tiny_editor(batch: int = 1, grid: tuple[int, int] = (8, 8), seed: int = 0) -> KontextEditor:

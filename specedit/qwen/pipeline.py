@@ -52,7 +52,7 @@ from samplers.mixed_res import FullResSampler
 from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule
 from specedit import presets
 from specedit.method import Baseline
-from specedit.qwen import QwenEditor
+from specedit.qwen.editor import QwenEditor
 from specedit.viz import EditOutput
 
 VARIANTS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit-plus"}

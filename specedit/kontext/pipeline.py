@@ -41,7 +41,7 @@ from models.tokenization import TextTokenizer, load_clip_tokenizer, load_t5_toke
 from samplers.mixed_res import FullResSampler
 from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule
 from specedit import presets
-from specedit.kontext import KontextEditor
+from specedit.kontext.editor import KontextEditor
 from specedit.method import Baseline
 from specedit.viz import EditOutput
 

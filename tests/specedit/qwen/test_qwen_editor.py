@@ -15,7 +15,7 @@ from samplers.mixed_res import FullResSampler, MixedResSampler
 from specedit.method import Baseline, SpecEdit
 from specedit.presets import methods
 from specedit.protocols import Editor
-from specedit.qwen import QwenCosts, QwenEditor
+from specedit.qwen.editor import QwenCosts, QwenEditor
 from verify.verifiers import FixedVerifier
 
 GRID = (8, 12)  # fine token grid of the tiny source: non-square, divisible by 4

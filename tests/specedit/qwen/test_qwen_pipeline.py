@@ -23,7 +23,7 @@ from samplers.mixed_res import FullResSampler
 from samplers.schedules import QWEN_SCHEDULE, flow_sigmas
 from specedit.method import Baseline
 from specedit.presets import methods
-from specedit.qwen_pipeline import QwenEditPipeline, calculate_dimensions
+from specedit.qwen.pipeline import QwenEditPipeline, calculate_dimensions
 
 AREA = 128 * 128  # working area (the real pipelines: 1024^2); the tiny VAE is /4, so 8 px per token
 TOL = 1e-5

@@ -18,7 +18,7 @@ from models.packing import pack
 from samplers.field import NoiseField
 from samplers.mixed_res import FullResSampler
 from samplers.schedules import FLUX_SCHEDULE
-from specedit.kontext_pipeline import KontextOutput, KontextPipeline, borrowed, edit_size
+from specedit.kontext.pipeline import KontextOutput, KontextPipeline, borrowed, edit_size
 from specedit.method import Baseline
 from specedit.viz import mask_overlay
 
