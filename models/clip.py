@@ -20,7 +20,6 @@ Shape legend: b batch, l tokens (<= 77), d width, h heads, k head dim, f MLP wid
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 
@@ -36,6 +35,7 @@ from models.loading import (
     load_checkpoint,
     locate,
     open_checkpoint,
+    read_config,
 )
 
 
@@ -218,11 +218,7 @@ def load_clip(
     root holding ``text_encoder/``, or (c) a Hugging Face repo id (downloads ``text_encoder/`` only).
     ``dtype`` casts floating tensors."""
     folder = locate(path_or_repo, "text_encoder", what="CLIP text encoder", allow_file=False)
-    path = folder / "config.json"
-    try:
-        cfg = config_from_transformers(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    cfg = config_from_transformers(read_config(folder / "config.json"))
     model = build_on_meta(lambda: CLIPText(cfg))
     return load_checkpoint(model, text_model_view(open_checkpoint(folder)), dtype=dtype, device=device)
 

@@ -14,7 +14,6 @@ Shape legend: b batch, n image tokens, l text tokens, s = l + n, h heads, d head
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from models.loading import (
     load_checkpoint,
     locate,
     open_checkpoint,
+    read_config,
     strip_prefix,
 )
 
@@ -391,7 +391,7 @@ def load_flux(
         ckpt = strip_prefix(open_checkpoint(src), "model.diffusion_model.")
         cfg = config or config_from_bfl(ckpt)
     else:
-        cfg = config or config_from_diffusers(json.loads((src / "config.json").read_text()))
+        cfg = config or config_from_diffusers(read_config(src / "config.json"))
         ckpt = diffusers_to_bfl(open_checkpoint(src), cfg)
     model = build_on_meta(lambda: Flux(cfg))
     return load_checkpoint(model, ckpt, dtype=dtype, device=device)

@@ -16,7 +16,6 @@ Shape legend: b batch, c channels, H W image pixels, h w latent pixels (H/8, W/8
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ from models.loading import (
     load_checkpoint,
     locate,
     open_checkpoint,
+    read_config,
 )
 
 
@@ -282,7 +282,7 @@ def load_flux_ae(
         ckpt = open_checkpoint(src)
         cfg = config or config_from_bfl(ckpt)
     else:
-        cfg = config or config_from_diffusers(json.loads((src / "config.json").read_text()))
+        cfg = config or config_from_diffusers(read_config(src / "config.json"))
         ckpt = diffusers_to_bfl(open_checkpoint(src), cfg)
     return load_checkpoint(build_on_meta(lambda: AutoEncoder(cfg)), ckpt, dtype=dtype, device=device)
 

@@ -14,6 +14,7 @@ lazily, one tensor at a time, releasing source pages as it goes.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -39,6 +40,7 @@ _DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_LISTED = 12  # keys shown per category in a mismatch error
+_MAX_HEADER = 100_000_000  # bytes; the official safetensors library refuses larger headers too
 
 
 class CheckpointError(ValueError):
@@ -47,7 +49,14 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- files
 class SafetensorsFile:
-    """One ``.safetensors`` file, memory-mapped; ``tensor(k)`` is a zero-copy view into the mapping."""
+    """One ``.safetensors`` file, memory-mapped; ``tensor(k)`` is a zero-copy view into the mapping.
+
+    Layout: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON (``name -> {dtype, shape,
+    data_offsets}`` plus an optional ``__metadata__``), then the data buffer; ``data_offsets`` are
+    ``[begin, end)`` byte positions relative to the start of that buffer. Every entry is checked when the
+    file is opened (dtype, shape, offsets inside the buffer, byte length = numel * itemsize, no two tensors
+    sharing bytes), so a damaged header fails here, before any tensor is read.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -55,41 +64,16 @@ class SafetensorsFile:
             raise FileNotFoundError(f"safetensors file not found: {self.path}")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{self.path} is not a safetensors file (only {size} bytes)")
-            n = int.from_bytes(head, "little")
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(
-                    f"{self.path} is truncated or not a safetensors file: the header claims {n} bytes "
-                    f"but the "
-                    f"file holds {size}. Delete it and download it again."
-                )
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path} has a corrupt safetensors header ({e})") from None
+            n, header = _read_header(self.path, f, size)
+            self._base = 8 + n
+            self.metadata = header.pop("__metadata__", None) or {}
+            data_size = size - self._base
+            self._info: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+                key: _entry(self.path, key, info, data_size, size) for key, info in header.items()
+            }
+            _check_disjoint(self.path, self._info)
             # ACCESS_COPY: views are writable (copy-on-write) and never modify the file.
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._base = 8 + n
-        data_size = size - self._base
-        self._info: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for key, info in header.items():
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(
-                    f"{self.path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}"
-                )
-            start, end = info["data_offsets"]
-            shape = tuple(int(s) for s in info["shape"])
-            if end > data_size:
-                raise CheckpointError(
-                    f"{self.path} is truncated: tensor {key!r} needs bytes up to {self._base + end} but "
-                    f"the file holds {size}. The download was probably interrupted; delete the file and "
-                    "download it again."
-                )
-            self._info[key] = (dtype, shape, start, end)
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -122,6 +106,85 @@ class SafetensorsFile:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def _read_header(path: Path, f, size: int) -> tuple[int, dict]:
+    """The header length and the parsed JSON header object of an open safetensors file."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+    n = int.from_bytes(head, "little")
+    if n > size - 8 or n > _MAX_HEADER:
+        raise CheckpointError(
+            f"{path} is truncated or not a safetensors file: the header claims {n} bytes but the file "
+            f"holds {size}. Delete it and download it again."
+        )
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path} has a corrupt safetensors header (a {type(header).__name__}, not an object)"
+        )
+    return n, header
+
+
+def _entry(
+    path: Path, key: str, info, data_size: int, size: int
+) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, checked against the ``data_size``-byte buffer."""
+    if not isinstance(info, dict):
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has a malformed header entry (a {type(info).__name__})"
+        )
+    dtype = _DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not _int_list(shape) or any(s < 0 for s in shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+    if not _int_list(offsets) or len(offsets) != 2:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has invalid data_offsets {offsets!r} (need [begin, end])"
+        )
+    begin, end = offsets
+    if end < begin:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has reversed data_offsets [{begin}, {end}] (end < begin)"
+        )
+    if begin < 0:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has out-of-range data_offsets [{begin}, {end}] (negative)"
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: tensor {key!r} needs bytes up to {size - data_size + end} "
+            f"but the file holds {size}. The download was probably interrupted; delete the file and "
+            "download it again."
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} spans {end - begin} bytes (data_offsets [{begin}, {end}]) but shape "
+            f"{list(shape)} of {info['dtype']} needs {nbytes}"
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _int_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+
+
+def _check_disjoint(path: Path, info: Mapping[str, tuple[torch.dtype, tuple[int, ...], int, int]]) -> None:
+    """Raise :class:`CheckpointError` when two non-empty tensors share bytes (safetensors forbids aliasing)."""
+    spans = sorted((begin, end, key) for key, (_, _, begin, end) in info.items() if end > begin)
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(
+                f"{path}: tensors {k0!r} and {k1!r} overlap (data_offsets [{b0}, {e0}] and [{b1}, {e1}]); "
+                "every tensor needs its own bytes"
+            )
+
+
 class Checkpoint(Mapping):
     """Lazy ``name -> Tensor`` mapping over one file or a sharded index; values are zero-copy views."""
 
@@ -146,6 +209,14 @@ class Checkpoint(Mapping):
 
     def dtypes(self) -> set[torch.dtype]:
         return {f.dtype(k) for k, f in self._where.items()}
+
+    def metas(self) -> dict[str, Tensor]:
+        """Each tensor's shape and dtype as a ``meta`` tensor (no data read)."""
+        return {k: torch.empty(f.shape(k), dtype=f.dtype(k), device="meta") for k, f in self._where.items()}
+
+    def file(self, key: str) -> str:
+        """The file that holds ``key`` (the shard, for a sharded checkpoint)."""
+        return str(self._where[key].path)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -247,6 +318,18 @@ class Remap(Mapping):
         for s in _sources(self.plan[key]):
             self.base.release(s)
 
+    def metas(self) -> dict[str, Tensor]:
+        """Each target's shape and dtype as a ``meta`` tensor (combines run on meta tensors: no data read)."""
+        base = self.base.metas()
+        return {
+            k: base[d] if isinstance(d, str) else d.combine(*(base[s] for s in d.sources))
+            for k, d in self.plan.items()
+        }
+
+    def file(self, key: str) -> str:
+        """The file(s) holding the source tensors of ``key``."""
+        return ", ".join(dict.fromkeys(self.base.file(s) for s in _sources(self.plan[key])))
+
 
 def _sources(d: str | Derived) -> tuple[str, ...]:
     return (d,) if isinstance(d, str) else d.sources
@@ -284,6 +367,32 @@ def check_keys(module: nn.Module, shapes: Mapping[str, Sequence[int]], source: s
         raise CheckpointError("\n".join(parts))
 
 
+def check_dtypes(module: nn.Module, ckpt: Checkpoint | Remap) -> None:
+    """Raise :class:`CheckpointError` when a tensor's kind of dtype (floating, integer, bool, complex) differs
+    from its parameter's: such a tensor cannot be loaded (or cast) into it. Floating widths may differ."""
+    metas = ckpt.metas()
+    bad = [
+        (k, metas[k].dtype, t.dtype)
+        for k, t in module.state_dict().items()
+        if _dtype_kind(metas[k].dtype) != _dtype_kind(t.dtype)
+    ]
+    if bad:
+        key, have, want = bad[0]
+        more = f" (+{len(bad) - 1} more tensors of the wrong kind)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{ckpt.file(key)}: tensor {key!r} is {have}, which cannot be loaded into {type(module).__name__}'s "
+            f"{want} parameter ({_dtype_kind(have)} data, {_dtype_kind(want)} parameter){more}"
+        )
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
 def load_checkpoint(
     module: nn.Module,
     ckpt: Checkpoint | Remap,
@@ -297,6 +406,7 @@ def load_checkpoint(
     releases its source pages immediately, so peak memory stays near one copy of the weights.
     """
     check_keys(module, ckpt.shapes(), ckpt.source)
+    check_dtypes(module, ckpt)
     device = torch.device(device)
     state = {}
     for key in module.state_dict():
@@ -315,6 +425,28 @@ def load_checkpoint(
             f"{type(module).__name__} still has meta tensors after loading: {_head(leftovers)}"
         )
     return module.eval()
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The JSON object in a settings file (``config.json``, ``tokenizer_config.json``, ...); a ValueError
+    names the file (and the line and column of a syntax error) when it is not valid JSON or not an object."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (bad byte at offset {e.start}); it cannot be a JSON config"
+        ) from None
+    if not isinstance(config, dict):
+        kind = _JSON_KINDS.get(type(config), type(config).__name__)
+        raise ValueError(f"{path} must hold a JSON object ({{...}}) of settings, but it holds {kind}")
+    return config
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+_JSON_KINDS[type(None)] = "null"
 
 
 def _head(items: Iterable[str]) -> str:

@@ -23,7 +23,6 @@ h heads, d head dim, c channels.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 
@@ -39,6 +38,7 @@ from models.loading import (
     load_checkpoint,
     locate,
     open_checkpoint,
+    read_config,
 )
 
 
@@ -639,7 +639,7 @@ def load_qwen2_5_vl(
         cfg_file = folder / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json next to {src}; pass config= (e.g. PRESETS[...])")
-        config = config_from_transformers(json.loads(cfg_file.read_text()))
+        config = config_from_transformers(read_config(cfg_file))
     model = build_on_meta(lambda: Qwen2_5_VL(config))
     return load_checkpoint(model, legacy_view(open_checkpoint(src)), dtype=dtype, device=device)
 

@@ -18,7 +18,6 @@ Shape legend: b batch, n image tokens, l text tokens, s = l + n, h heads, d head
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from models.loading import (
     load_checkpoint,
     locate,
     open_checkpoint,
+    read_config,
     strip_prefix,
 )
 
@@ -488,11 +488,7 @@ def load_qwen_image(
     else:
         ckpt = open_checkpoint(src)
         if config is None:
-            cfg_path = src / "config.json"
-            try:
-                config = config_from_diffusers(json.loads(cfg_path.read_text()))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+            config = config_from_diffusers(read_config(src / "config.json"))
     model = build_on_meta(lambda: QwenImage(config))
     return load_checkpoint(model, ckpt, dtype=dtype, device=device)
 

@@ -18,7 +18,6 @@ Shape legend: b batch, c channels, H W image pixels, h w latent pixels (H/8, W/8
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.loading import build_on_meta, load_checkpoint, locate, open_checkpoint
+from models.loading import build_on_meta, load_checkpoint, locate, open_checkpoint, read_config
 
 LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -397,11 +396,7 @@ def load_qwen_image_vae(
     repo id (downloads ``vae/*.json`` and ``vae/*.safetensors`` only). ``config`` overrides config.json."""
     src = locate(path_or_repo, "vae", what="Qwen-Image VAE", allow_file=False)
     if config is None:
-        cfg_path = src / "config.json"
-        try:
-            config = config_from_diffusers(json.loads(cfg_path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        config = config_from_diffusers(read_config(src / "config.json"))
     model = build_on_meta(lambda: QwenImageVAE(config))
     return load_checkpoint(model, open_checkpoint(src), dtype=dtype, device=device)
 

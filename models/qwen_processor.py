@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from models.loading import download, is_repo_id
+from models.loading import download, is_repo_id, read_config
 
 if TYPE_CHECKING:
     import tokenizers
@@ -236,9 +236,7 @@ def load_qwen_tokenizer(folder: str | os.PathLike) -> QwenTokenizer:
     added: dict[int, dict] = {}
     cfg_file, added_file = folder / "tokenizer_config.json", folder / "added_tokens.json"
     if cfg_file.is_file():
-        added = {
-            int(i): t for i, t in json.loads(cfg_file.read_text()).get("added_tokens_decoder", {}).items()
-        }
+        added = {int(i): t for i, t in read_config(cfg_file).get("added_tokens_decoder", {}).items()}
     if not added and added_file.is_file():
         added = {
             int(i): {"content": c, "special": True} for c, i in json.loads(added_file.read_text()).items()
@@ -321,7 +319,7 @@ def load_qwen_processor(path_or_repo: str | os.PathLike) -> QwenProcessor:
     pre = next((p for p in (folder, root / "processor") if (p / "preprocessor_config.json").is_file()), None)
     cfg = QWEN_IMAGE_PROCESSOR
     if pre is not None:
-        cfg = image_processor_config(json.loads((pre / "preprocessor_config.json").read_text()))
+        cfg = image_processor_config(read_config(pre / "preprocessor_config.json"))
     return QwenProcessor(load_qwen_tokenizer(folder), cfg)
 
 

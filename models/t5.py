@@ -19,11 +19,9 @@ Shape legend: b batch, l tokens, d model width, h heads, k head dim (d_kv), f ML
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +36,7 @@ from models.loading import (
     load_checkpoint,
     locate,
     open_checkpoint,
+    read_config,
 )
 
 
@@ -293,21 +292,13 @@ def load_t5(
     output overflows fp16), which makes the residual stream fp32 from the first MLP on.
     """
     folder = locate(path_or_repo, "text_encoder_2", what="T5 encoder", allow_file=False)
-    cfg = config_from_transformers(_read_config(folder))
+    cfg = config_from_transformers(read_config(folder / "config.json"))
     model = build_on_meta(lambda: T5Encoder(cfg))
     model = load_checkpoint(model, encoder_view(open_checkpoint(folder)), dtype=dtype, device=device)
     if dtype == torch.float16:
         for block in model.encoder.block:
             block.layer[1].DenseReluDense.wo.float()
     return model
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def config_from_transformers(c: dict) -> T5Config:

@@ -29,7 +29,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from torch import Tensor
 
-from models.loading import download, is_repo_id
+from models.loading import download, is_repo_id, read_config
 
 # OpenAI CLIP's pre-tokenizer: contractions, letter runs, single digits, runs of other non-space symbols
 CLIP_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"
@@ -219,10 +219,7 @@ def _special_tokens(folder: Path) -> dict[str, str]:
         path = folder / name
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        data = read_config(path)
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             v = data.get(key)
             if isinstance(v, dict):

@@ -1,12 +1,15 @@
 """Safetensors loader: single and sharded files, zero-copy views, strict errors, damaged files, hub errors."""
 
+import importlib
 import json
 import os
+import struct
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -156,3 +159,161 @@ def test_hub_errors_are_actionable(monkeypatch):
     assert str(resolve("org/model", ["vae/*.json"])) == "/x" and calls == [["vae/*.json"]]
     with pytest.raises(FileNotFoundError, match="neither an existing path nor"):
         resolve("/definitely/not/here", ["*"])
+
+
+# ----------------------------------------------------------------------------------------------- damaged headers
+def _write_raw(path, header: dict, data: bytes):
+    """A safetensors file written by hand: 8-byte little-endian header length, JSON header, data buffer."""
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+    return path
+
+
+def test_hand_written_file_matches_the_official_reader(tmp_path):
+    data = struct.pack("<3f", 1.0, 2.0, 3.0) + struct.pack("<2i", 7, 8)
+    header = {
+        "__metadata__": {"format": "pt"},
+        "x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+        "n": {"dtype": "I32", "shape": [1, 2], "data_offsets": [12, 20]},
+    }
+    path = _write_raw(tmp_path / "ok.safetensors", header, data)
+    ckpt = open_checkpoint(path)
+    with safe_open(path, "pt") as f:
+        for k in ("x", "n"):
+            assert torch.equal(ckpt[k], f.get_tensor(k))
+
+
+@pytest.mark.parametrize(
+    "entries, size, message",
+    [
+        (
+            {"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [4, 12])},
+            12,
+            r"bad.safetensors: tensors 'a' and 'b' overlap \(data_offsets \[0, 8\] and \[4, 12\]\)",
+        ),
+        (
+            {"a": ("F32", [2], [-4, 4])},
+            8,
+            r"bad.safetensors: tensor 'a' has out-of-range data_offsets \[-4, 4\]",
+        ),
+        (
+            {"a": ("F32", [2], [0, 8])},
+            4,
+            r"bad.safetensors is truncated or corrupt: tensor 'a' needs bytes up to",
+        ),
+        ({"a": ("F32", [2], [8, 0])}, 8, r"bad.safetensors: tensor 'a' has reversed data_offsets \[8, 0\]"),
+        (
+            {"a": ("F32", [3], [0, 8])},
+            8,
+            r"bad.safetensors: tensor 'a' spans 8 bytes \(data_offsets \[0, 8\]\) but shape \[3\] of F32 needs 12",
+        ),
+        ({"a": ("F16", [2, -1], [0, 0])}, 0, r"bad.safetensors: tensor 'a' has an invalid shape \[2, -1\]"),
+        ({"a": ("F16", [2], [0])}, 4, r"bad.safetensors: tensor 'a' has invalid data_offsets \[0\]"),
+        ({"a": ("C64", [1], [0, 8])}, 8, r"bad.safetensors: tensor 'a' has unsupported dtype 'C64'"),
+    ],
+)
+def test_damaged_header_entries_fail_at_open(tmp_path, entries, size, message):
+    header = {k: {"dtype": d, "shape": s, "data_offsets": o} for k, (d, s, o) in entries.items()}
+    path = _write_raw(tmp_path / "bad.safetensors", header, bytes(size))
+    with pytest.raises(CheckpointError, match=message) as e:
+        open_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_overlap_is_refused_by_the_official_library_too(tmp_path):
+    header = {
+        k: {"dtype": "F32", "shape": [2], "data_offsets": o} for k, o in (("a", [0, 8]), ("b", [4, 12]))
+    }
+    path = _write_raw(tmp_path / "alias.safetensors", header, bytes(12))
+    with pytest.raises(Exception), safe_open(path, "pt") as f:  # noqa: B017 (its error type varies by version)
+        f.get_tensor("b")
+    with pytest.raises(CheckpointError, match="overlap"):
+        open_checkpoint(path)
+
+
+def test_header_that_is_not_an_object(tmp_path):
+    (tmp_path / "list.safetensors").write_bytes(struct.pack("<Q", 2) + b"[]")
+    with pytest.raises(CheckpointError, match=r"list.safetensors has a corrupt safetensors header \(a list"):
+        open_checkpoint(tmp_path / "list.safetensors")
+    _write_raw(tmp_path / "entry.safetensors", {"a": [1, 2]}, b"")
+    with pytest.raises(CheckpointError, match=r"entry.safetensors: tensor 'a' has a malformed header entry"):
+        open_checkpoint(tmp_path / "entry.safetensors")
+
+
+def test_empty_tensors_may_share_an_offset(tmp_path):
+    header = {
+        "e": {"dtype": "F32", "shape": [0, 4], "data_offsets": [4, 4]},
+        "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
+    ckpt = open_checkpoint(_write_raw(tmp_path / "empty.safetensors", header, bytes(8)))
+    assert ckpt["e"].shape == (0, 4) and torch.equal(ckpt["x"], torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("bad", [torch.int32, torch.bool, torch.uint8])
+def test_wrong_dtype_kind_names_key_file_and_dtypes(tmp_path, monkeypatch, bad):
+    sd = Tiny().state_dict()
+    sd["a.weight"] = torch.ones(4, 8, dtype=bad)
+    save_file(sd, tmp_path / "ints.safetensors")
+    ckpt = open_checkpoint(tmp_path / "ints.safetensors")
+    monkeypatch.setattr(loading.SafetensorsFile, "tensor", lambda *a: pytest.fail("a tensor was read"))
+    message = (
+        rf"ints.safetensors: tensor 'a.weight' is {bad}, which cannot be loaded into Tiny's torch.float32"
+    )
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(build_on_meta(Tiny), ckpt, dtype=torch.bfloat16)
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_dtype_through_a_shard_and_a_remap(tmp_path):
+    sd = Tiny().state_dict()
+    sd["b.1.weight"] = torch.ones(3, dtype=torch.int64)
+    sd = {f"model.diffusion_model.{k}": v for k, v in sd.items()}
+    _sharded(tmp_path, sd, 2)
+    ckpt = loading.strip_prefix(open_checkpoint(tmp_path), "model.diffusion_model.")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    # the error names the shard holding the tensor, not the index
+    shard = index["weight_map"]["model.diffusion_model.b.1.weight"]
+    with pytest.raises(
+        CheckpointError, match=rf"{shard}: tensor 'b.1.weight' is torch.int64.*\(integer data"
+    ):
+        load_checkpoint(build_on_meta(Tiny), ckpt)
+
+
+# ----------------------------------------------------------------------------------------------- config.json
+def test_read_config_names_file_line_and_column(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "a": 1,\n  "b": ,\n}\n')
+    with pytest.raises(
+        ValueError, match=r"config.json is not valid JSON: Expecting value at line 3, column 8$"
+    ):
+        loading.read_config(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json must hold a JSON object .* but it holds an array"):
+        loading.read_config(path)
+    path.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ValueError, match=r"config.json is not UTF-8 text \(bad byte at offset 7\)"):
+        loading.read_config(path)
+    path.write_text('{"a": 1}')
+    assert loading.read_config(path) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "clip.load_clip",
+        "t5.load_t5",
+        "flux.load_flux",
+        "flux_ae.load_flux_ae",
+        "qwen_image.load_qwen_image",
+        "qwen_image_vae.load_qwen_image_vae",
+        "qwen2_5_vl.load_qwen2_5_vl",
+    ],
+)
+def test_model_loaders_report_a_broken_config(tmp_path, loader):
+    module, name = loader.split(".")
+    load = getattr(importlib.import_module(f"models.{module}"), name)
+    (tmp_path / "config.json").write_text('{"hidden_size": 8,}')
+    _write_raw(tmp_path / "model.safetensors", {}, b"")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON: .* at line 1, column 19$"):
+        load(tmp_path)
