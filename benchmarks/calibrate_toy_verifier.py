@@ -20,10 +20,10 @@ from dataclasses import replace
 import torch
 
 from samplers.field import NoiseField
-from specedit.presets import TOY_DRAFTER, TOY_VERIFIER
 from specedit.toy import metrics
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, make_example
 from specedit.toy.evaluate import load_toy
+from specedit.toy.family import TOY_DRAFTER, TOY_VERIFIER
 
 FIRST_SEED = 7_000_000
 TAUS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3)

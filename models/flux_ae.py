@@ -221,6 +221,10 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.config.z_channels
+
     def encode(
         self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> Tensor:

@@ -270,6 +270,10 @@ class QwenImageVAE(nn.Module):
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder(cfg)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.config.z_dim
+
     def encode(
         self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> Tensor:

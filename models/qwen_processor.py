@@ -354,6 +354,17 @@ def _per_prompt(images, n_prompts: int) -> list[list]:
 
 
 @torch.no_grad()
+def _check_vision_tokens(cfg, tok) -> None:
+    """The tokenizer's vision token ids must be the ones the model was trained with."""
+    for name, want in (
+        ("<|image_pad|>", cfg.image_token_id),
+        ("<|vision_start|>", cfg.vision_start_token_id),
+        ("<|vision_end|>", cfg.vision_end_token_id),
+    ):
+        if tok.token_id(name) != want:
+            raise ValueError(f"tokenizer id of {name} is {tok.token_id(name)} but the model expects {want}")
+
+
 def encode_edit_prompts(
     model: Qwen2_5_VL,
     processor: QwenProcessor,
@@ -383,15 +394,7 @@ def encode_edit_prompts(
         raise ValueError("no prompts given")
     per = _per_prompt(images, len(prompts))
     texts = [edit_prompt_text(p, len(ims), template) for p, ims in zip(prompts, per)]
-    cfg = model.config
-    tok = processor.tokenizer
-    for name, want in (
-        ("<|image_pad|>", cfg.image_token_id),
-        ("<|vision_start|>", cfg.vision_start_token_id),
-        ("<|vision_end|>", cfg.vision_end_token_id),
-    ):
-        if tok.token_id(name) != want:
-            raise ValueError(f"tokenizer id of {name} is {tok.token_id(name)} but the model expects {want}")
+    _check_vision_tokens(model.config, processor.tokenizer)
     inputs = processor(texts, [im for ims in per for im in ims])
     lengths = inputs["attention_mask"].sum(1) - drop
     if (lengths < 1).any():

@@ -1,6 +1,6 @@
 """Token expansion (coarse -> 2x2 fine) and re-noising at resolution transitions.
 
-Expansion (research memo section 4.6). For a coarse latent X_c at noise level sigma with noise estimate
+Expansion. For a coarse latent X_c at noise level sigma with noise estimate
 eps_c, the Haar coefficients of each 2x2 child block are
 
     gamma_0 = 2 X_c - sigma * eps_c          (the DC, from the coarse token)
@@ -12,13 +12,16 @@ noise statistics. The map gamma -> children is orthonormal, so it preserves ener
 same result is computed as NN(X_c - sigma/2 (eps_c + DC(E))) + sigma E, which is bit-exact where it must be:
 expanding DC(E) at sigma = 1 returns E.
 
-Re-noising rewinds progress e = 1 - sigma to s = e / (Z (1 - e) + e) (RALU's rewind, beta = s / e).
+Re-noising rewinds progress e = 1 - sigma to s = e / (Z (1 - e) + e) (RALU's rewind, beta = s / e). Each re-noise
+rule is a small strategy object with one verb, ``renoise(x, transition)``, like the expanders.
 
-Shape legend: b batch, c channels, h w coarse pixels (latent pixels or token cells, per ``space``).
+Shape legend: b batch, c channels, h w coarse pixels (latent pixels or token cells, per ``space``), n tokens,
+k groups of replicated tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,20 +30,20 @@ from torch import Tensor
 
 from samplers.field import NoiseField, dc, ihaar, upsample_nearest
 
-RENOISE_MODES = ("coherent_field", "iid", "none", "ralu_correlated")
 
-
-def _to_cells(x: Tensor, space: str) -> Tensor:
-    """Latent (b, c, 2h, 2w) -> the grid the expansion acts on: latent pixels, or packed-token cells."""
+def _to_cells(editor, x: Tensor, space: str) -> Tensor:
+    """Latent (b, c, H, W) -> the grid the expansion acts on: latent pixels, or whole tokens as channel vectors
+    (the editor's own packing, laid out on its token grid)."""
     if space == "spatial":
         return x
-    return rearrange(x, "b c (h ph) (w pw) -> b (c ph pw) h w", ph=2, pw=2)
+    h, w = x.shape[-2] // editor.patch, x.shape[-1] // editor.patch
+    return rearrange(editor.pack(x), "b (h w) d -> b d h w", h=h, w=w)
 
 
-def _from_cells(x: Tensor, space: str) -> Tensor:
+def _from_cells(editor, x: Tensor, space: str) -> Tensor:
     if space == "spatial":
         return x
-    return rearrange(x, "b (c ph pw) h w -> b c (h ph) (w pw)", ph=2, pw=2)
+    return editor.unpack(rearrange(x, "b d h w -> b (h w) d"), tuple(x.shape[-2:]))
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class HaarExpander:
 
     eps: "tweedie" (the coarse noise estimate x + (1 - sigma) v from the last velocity) or "field" (DC(E)).
     details: "field" (E's own Haar details: coordinate-bound) or "fresh" (new noise from the seed).
-    space: "spatial" (each latent pixel -> 2x2 latent pixels: true nearest geometry) or "token" (whole 64-d
-    packed tokens -> 2x2 tokens, the RALU/Fresco geometry).
+    space: "spatial" (each latent pixel -> 2x2 latent pixels: true nearest geometry) or "token" (whole packed
+    tokens -> 2x2 tokens, the RALU/Fresco geometry).
     """
 
     eps: str = "tweedie"
@@ -66,26 +69,31 @@ class HaarExpander:
             if value not in options:
                 raise ValueError(f"HaarExpander.{name} must be one of {options}, got {value!r}")
 
-    def expand(self, coarse: Tensor, sigma: float, eps_hat: Tensor | None, field: NoiseField) -> Tensor:
+    def expand(
+        self, editor, coarse: Tensor, sigma: float, eps_hat: Tensor | None, field: NoiseField
+    ) -> Tensor:
         """(b, c, h, w) coarse latent at ``sigma`` -> (b, c, 2h, 2w) fine latent."""
         fine_noise = field.at(tuple(2 * s for s in coarse.shape[-2:]))
-        field_c = dc(_to_cells(fine_noise, self.space))
-        x_c = _to_cells(coarse, self.space)
-        eps = field_c if self.eps == "field" or eps_hat is None else _to_cells(eps_hat, self.space)
+        cells = lambda t: _to_cells(editor, t, self.space)
+        field_c = dc(cells(fine_noise))
+        x_c = cells(coarse)
+        eps = field_c if self.eps == "field" or eps_hat is None else cells(eps_hat)
         if self.details == "field":
             base = x_c - (sigma / 2) * (eps + field_c)
-            return _from_cells(upsample_nearest(base) + sigma * _to_cells(fine_noise, self.space), self.space)
+            return _from_cells(editor, upsample_nearest(base) + sigma * cells(fine_noise), self.space)
         noise = field.fresh((x_c.shape[0], 3, *x_c.shape[1:]), salt=int(1e6 * sigma) + 17)
         coef = torch.cat([(2 * x_c - sigma * eps)[:, None], sigma * noise], 1)
-        return _from_cells(ihaar(coef), self.space)
+        return _from_cells(editor, ihaar(coef), self.space)
 
 
 @dataclass(frozen=True)
 class ReplicateExpander:
-    """RALU's upsampling: each packed token is copied to its 4 children (pair with ``ralu_correlated``)."""
+    """RALU's upsampling: each packed token is copied to its 4 children (pair with :class:`RaluCorrelated`)."""
 
-    def expand(self, coarse: Tensor, sigma: float, eps_hat: Tensor | None, field: NoiseField) -> Tensor:
-        return _from_cells(upsample_nearest(_to_cells(coarse, "token")), "token")
+    def expand(
+        self, editor, coarse: Tensor, sigma: float, eps_hat: Tensor | None, field: NoiseField
+    ) -> Tensor:
+        return _from_cells(editor, upsample_nearest(_to_cells(editor, coarse, "token")), "token")
 
 
 def rewind(e: float, z: float) -> float:
@@ -95,52 +103,83 @@ def rewind(e: float, z: float) -> float:
     return e / (z * (1.0 - e) + e)
 
 
-def renoise(
-    x: Tensor,
-    e: float,
-    s: float,
-    mode: str,
-    *,
-    field_tokens: Tensor,
-    replicated: Tensor | None = None,
-    z: float = 1.0,
-    fresh: Tensor | None = None,
-) -> Tensor:
-    """Move tokens ``x`` (b, n, c) from progress ``e`` to ``s`` <= e.
+@dataclass(frozen=True)
+class Transition:
+    """A resolution change, as a re-noise strategy sees it: tokens move from progress ``e`` back to ``s`` <= e.
 
-    coherent_field: x <- beta x + (1 - beta) E_tok, E_tok the field at each token's own resolution; exact when
-      the state's implicit noise is the field.
-    iid: x <- beta x + sqrt((1-s)^2 - beta^2 (1-e)^2) xi with independent xi (``fresh``).
-    none: x unchanged (requires s == e).
-    ralu_correlated: x <- beta x + (1 - s) n', where n' has covariance I - 11^T / Z^2 within each block of 4
-      replicated children (``replicated``: (n,) bool, children stored as consecutive groups of 4) and identity
-      elsewhere; built from ``field_tokens``.
+    field_tokens: (b, n, c) the noise field at each token's own resolution. groups: (k, 4) indices of the
+    tokens that were replicated from one parent (children of one coarse cell). z: the sampler's rewind factor.
+    fresh: ``fresh(shape)`` draws extra standard-normal noise reproducibly from the edit's seed.
     """
-    if mode not in RENOISE_MODES:
-        raise ValueError(f"renoise mode must be one of {RENOISE_MODES}, got {mode!r}")
-    if mode == "none" or e <= 0.0:
-        if mode == "none" and abs(s - e) > 1e-9:
-            raise ValueError(f"renoise 'none' cannot rewind progress {e} to {s}; use Z = 1")
+
+    e: float
+    s: float
+    z: float
+    field_tokens: Tensor
+    groups: Tensor
+    fresh: Callable[[tuple[int, ...]], Tensor]
+
+    @property
+    def beta(self) -> float:
+        return self.s / self.e
+
+
+@dataclass(frozen=True)
+class CoherentField:
+    """x <- beta x + (1 - beta) E_tok: exact when the state's implicit noise is the field itself."""
+
+    min_z: float = 1.0
+
+    def renoise(self, x: Tensor, t: Transition) -> Tensor:
+        if t.e <= 0.0:
+            return x
+        return (t.beta * x.float() + (1 - t.beta) * t.field_tokens.float()).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class IID:
+    """x <- beta x + sqrt((1 - s)^2 - beta^2 (1 - e)^2) xi with fresh independent noise xi."""
+
+    min_z: float = 1.0
+
+    def renoise(self, x: Tensor, t: Transition) -> Tensor:
+        if t.e <= 0.0:
+            return x
+        scale = max((1 - t.s) ** 2 - t.beta**2 * (1 - t.e) ** 2, 0.0) ** 0.5
+        return (t.beta * x.float() + scale * t.fresh(tuple(x.shape)).float()).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class NoRenoise:
+    """Tokens keep their state: no rewind at all (the sampler then treats Z as 1)."""
+
+    min_z: float = 1.0
+    rewinds: bool = False
+
+    def renoise(self, x: Tensor, t: Transition) -> Tensor:
+        if t.e > 0.0 and abs(t.s - t.e) > 1e-9:
+            raise ValueError(f"NoRenoise cannot rewind progress {t.e} to {t.s}; use Z = 1")
         return x
-    beta = s / e
-    xf = x.float()
-    if mode == "coherent_field":
-        out = beta * xf + (1 - beta) * field_tokens.float()
-    elif mode == "iid":
-        if fresh is None:
-            raise ValueError("renoise 'iid' needs fresh noise")
-        scale = max((1 - s) ** 2 - beta**2 * (1 - e) ** 2, 0.0) ** 0.5
-        out = beta * xf + scale * fresh.float()
-    else:
-        if z < 2.0:
-            raise ValueError(f"ralu_correlated needs Z >= 2 for a valid covariance, got Z = {z}")
-        n = field_tokens.float().clone()
-        if replicated is not None and bool(replicated.any()):
-            idx = replicated.nonzero().squeeze(1)
-            groups = n[:, idx].unflatten(1, (-1, 4))  # (b, blocks, 4, c)
-            # Sigma = I - 11^T/Z^2 has eigenvalue 1 - 4/Z^2 along the block mean and 1 orthogonal to it
+
+
+@dataclass(frozen=True)
+class RaluCorrelated:
+    """RALU: x <- beta x + (1 - s) n', where n' has covariance I - 11^T / Z^2 within each group of 4 replicated
+    children and identity elsewhere, built from the field tokens. A valid covariance needs Z >= 2."""
+
+    min_z: float = 2.0
+
+    def renoise(self, x: Tensor, t: Transition) -> Tensor:
+        if t.e <= 0.0:
+            return x
+        if t.z < self.min_z:
+            raise ValueError(f"RaluCorrelated needs Z >= 2 for a valid covariance, got Z = {t.z}")
+        n = t.field_tokens.float().clone()
+        if t.groups.numel():
+            idx = t.groups.flatten()
+            groups = n[:, idx].unflatten(1, (-1, 4))  # (b, k, 4, c)
+            # Sigma = I - 11^T/Z^2 has eigenvalue 1 - 4/Z^2 along the group mean and 1 orthogonal to it
             mean = groups.mean(2, keepdim=True)
-            groups = groups + ((1 - 4 / z**2) ** 0.5 - 1) * mean
+            groups = groups + ((1 - 4 / t.z**2) ** 0.5 - 1) * mean
             n[:, idx] = groups.flatten(1, 2)
-        out = beta * xf + (1 - s) * n
-    return out.to(x.dtype)
+        return (t.beta * x.float() + (1 - t.s) * n).to(x.dtype)

@@ -38,6 +38,7 @@ def sample(
     *,
     callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    desc: str = "sampling",
 ) -> Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps; one denoiser call per step.
 
@@ -51,7 +52,7 @@ def sample(
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="sampling", leave=False)
+        steps = tqdm(steps, desc=desc, leave=False)
     for i in steps:
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = denoiser(x, sigma)

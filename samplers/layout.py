@@ -4,7 +4,7 @@ A layout lists float (row, col) positions in units of a *frame* grid: the draft 
 coarse grid in the coarse and mixed stages, the fine grid in the last stage. A coarse token (u, v) sits at
 (u, v); its 2x2 children at (u + a/2, v + b/2) (RALU's fractional ids), or with ``align="center"`` the
 coarse token moves to (u + 1/4, v + 1/4), the centroid of its children. Each editor adapter turns a layout
-into its own position ids (FLUX: (0, row, col); Qwen-Image: centred rows/cols on the frame grid).
+into its own model's position ids.
 
 In a mixed layout the tokens are ordered [coarse tokens kept, in raster order] then [children of the
 expanded cells, cell by cell, children row-major]; :func:`mixed_indices` gives the index maps.
@@ -71,16 +71,6 @@ def mixed_indices(expanded: Tensor) -> tuple[Tensor, Tensor]:
     b = torch.tensor([0, 1, 0, 1])
     children = ((2 * r[:, None] + a) * (2 * wc) + 2 * c[:, None] + b).flatten()
     return keep, children
-
-
-def uniform_mask(grid: Grid, k: int) -> Tensor:
-    """The sparse uniform set {(i, j): i mod k = 0 and j mod k = 0} as a (h, w) bool mask."""
-    if k < 1:
-        raise ValueError(f"uniform stride k must be >= 1, got {k}")
-    h, w = grid
-    i = torch.arange(h)[:, None] % k == 0
-    j = torch.arange(w)[None, :] % k == 0
-    return i & j
 
 
 def scaled_grid(grid: Grid, factor: float) -> Grid:

@@ -1,10 +1,12 @@
 """Mixed-resolution sampling: coarse -> mixed -> full stages, plus the full-resolution and Bottleneck baselines.
 
-All samplers share one verb, ``sample(editor, field, select) -> Trajectory``. The *editor* is any object
-with ``grid`` (fine token grid), ``source`` (the (b, c, H, W) source latent, for shapes), ``schedule`` (its
-:class:`~samplers.schedules.ShiftSchedule`) and ``denoiser(layout) -> (x, sigma) -> v``; samplers never see a
-model class. ``select`` chooses the coarse cells to expand: a ready verdict (anything with a ``mask``), or a
-callable given the coarse clean estimate at the end of stage 1 (for selectors that look at the trajectory).
+All samplers share one verb, ``sample(editor, field, select) -> Trajectory``, and plan their own work
+(``plan(shape, n_expanded) -> [Forward, ...]``, the events a run records). The *editor* is any object with
+``grid`` (fine token grid), ``patch`` (latent pixels per token side), ``pack`` / ``unpack`` (latent <-> tokens),
+``schedule`` (its :class:`~samplers.schedules.ShiftSchedule`) and ``denoiser(layout) -> (x, sigma) -> v``;
+samplers never see a model class. Each stage is ``samplers.flow.sample`` observed by a recording callback.
+``select`` chooses the coarse cells to expand: a ready verdict (anything with a ``mask``), or a callable given
+the coarse clean estimate at the end of stage 1 (for selectors that look at the trajectory).
 
 Progress e = 1 - sigma. Stage i runs N_i Euler steps from progress s_i to e_i on RALU's per-stage shifted
 schedule; the last stage ends at e = 1. At each transition the coarse tokens are expanded and every token is
@@ -16,17 +18,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from models.packing import pack, unpack
-from samplers.expand import RENOISE_MODES, HaarExpander, renoise, rewind
+from models.work import EditShape, Forward
+from samplers.expand import CoherentField, HaarExpander, Transition, rewind
 from samplers.field import NoiseField, area_resize
-from samplers.flow import euler_step
+from samplers.flow import sample
 from samplers.layout import Layout, mixed_indices, scaled_grid
 from samplers.schedules import flow_sigmas, shifted_range
+
+Grid = tuple[int, int]
 
 
 @dataclass
@@ -34,57 +39,64 @@ class Trajectory:
     """The result of one sampling run: the fine latent and what it cost."""
 
     latent: Tensor  # (b, c, H, W)
-    records: list[dict] = field(
-        default_factory=list
-    )  # one per forward: kind, stage, n_target, ref_factor, sigma
+    events: list[Forward] = field(default_factory=list)  # one per transformer forward
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     verdict: Any = None
     expanded: Tensor | None = None  # (hc, wc) cells computed at full resolution in the mixed stage
 
 
-def _sync(x: Tensor) -> None:
+def sync(x: Tensor) -> None:
+    """Wait for the device of ``x`` (CUDA work is asynchronous; timings need the wait)."""
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
 
 
-def run_stage(
-    denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    name: str,
-    layout: Layout,
-    traj: Trajectory,
-    callback: Callable[[dict], None] | None = None,
-    progress: bool = False,
-):
-    """Euler steps over ``sigmas``; returns the state and the last velocity (None when no step ran)."""
-    v = None
-    steps = range(len(sigmas) - 1)
-    if progress and len(steps):
-        from tqdm.auto import tqdm
+@dataclass
+class Recorder:
+    """A ``samplers.flow.sample`` callback: records ``work`` once per step, keeps the last velocity, notes
+    whether each step's state is finite (a device flag, no sync) and passes
+    ``{"stage", "i", "x", "sigma", "sigma_next", "v"}`` on to the user's callback."""
 
-        steps = tqdm(steps, desc=name, leave=False)
-    _sync(x)
+    work: Forward
+    events: list[Forward]
+    user: Callable[[dict], None] | None = None
+    v: Tensor | None = None
+    finite: list[Tensor] = field(default_factory=list)
+
+    def __call__(self, info: dict) -> None:
+        self.events.append(self.work)
+        self.v = info["v"]
+        self.finite.append(torch.isfinite(info["x"]).all())
+        if self.user is not None:
+            self.user({"stage": self.work.stage, **info})
+
+    def check(self, sigmas: Tensor) -> None:
+        """Raise at the first step whose state is not finite (NaN or inf), naming the stage and the step."""
+        ok = torch.stack(self.finite)
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0])
+            where = f"stage {self.work.stage!r} at step {i + 1} of {len(ok)} (sigma {float(sigmas[i]):.4f})"
+            raise ValueError(f"sampling produced NaN or inf in {where}: check the inputs, dtype and weights")
+
+
+def sample_stage(editor, layout: Layout, x: Tensor, sigmas: Tensor, stage: str, *, traj: Trajectory,
+                 callback=None, progress: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Euler steps over ``sigmas`` with the tokens at ``layout``; the state and the last velocity (None when the
+    stage has no steps). Forwards go to ``traj.events``, wall time to ``traj.seconds[stage]``."""
+    if len(sigmas) < 2:
+        return x, None
+    rec = Recorder(Forward(stage, len(layout), layout.ref_factor, x.shape[0]), traj.events, callback)
+    sync(x)
     t0 = time.perf_counter()
-    for i in steps:
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = denoiser(x, sigma)
-        x = euler_step(x, v, sigma, sigma_next)
-        traj.records.append(
-            {
-                "kind": "forward",
-                "stage": name,
-                "n_target": len(layout),
-                "ref_factor": layout.ref_factor,
-                "sigma": float(sigma),
-            }
-        )
-        if callback is not None:
-            callback({"stage": name, "i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "v": v})
-    _sync(x)
-    traj.seconds[name] = traj.seconds.get(name, 0.0) + time.perf_counter() - t0
-    return x, v
+    x = sample(editor.denoiser(layout), x, sigmas, callback=rec, progress=progress, desc=stage)
+    rec.check(sigmas)  # one sync per stage, instead of a black image at the end
+    traj.seconds[stage] = traj.seconds.get(stage, 0.0) + time.perf_counter() - t0
+    return x, rec.v
+
+
+def _no_init(x0_init, name: str) -> None:
+    if x0_init is not None:
+        raise ValueError(f"{name} has no coarse stage for x0_init to replace")
 
 
 @dataclass(frozen=True)
@@ -93,28 +105,23 @@ class FullResSampler:
 
     steps: int = 50
 
-    def sample(self, editor, field: NoiseField, select=None, *, callback=None, progress=False) -> Trajectory:
-        grid = editor.grid
-        traj = Trajectory(latent=field.fine)
-        layout = Layout.full(grid)
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"FullResSampler.steps must be >= 1, got {self.steps}")
+
+    def sample(self, editor, field: NoiseField, select=None, *, x0_init=None, callback=None,
+               progress=False) -> Trajectory:  # fmt: skip
+        _no_init(x0_init, "FullResSampler")
+        layout = Layout.full(editor.grid)
         sigmas = flow_sigmas(self.steps, len(layout), editor.schedule).to(field.fine.device)
-        x, _ = run_stage(
-            editor.denoiser(layout),
-            pack(field.fine),
-            sigmas,
-            name="full",
-            layout=layout,
-            traj=traj,
-            callback=callback,
-            progress=progress,
-        )
-        traj.latent = unpack(x, grid)
+        traj = Trajectory(latent=field.fine)
+        x, _ = sample_stage(editor, layout, editor.pack(field.fine), sigmas, "full", traj=traj,
+                            callback=callback, progress=progress)  # fmt: skip
+        traj.latent = editor.unpack(x, editor.grid)
         return traj
 
-    def events(self, grid: tuple[int, int]) -> list[dict]:
-        return [
-            {"kind": "forward", "stage": "full", "n_target": grid[0] * grid[1], "ref_factor": 1.0}
-        ] * self.steps
+    def plan(self, shape: EditShape, n_expanded: int = 0, *, skip_first: bool = False) -> list[Forward]:
+        return [Forward("full", shape.grid[0] * shape.grid[1], 1.0, shape.batch)] * self.steps
 
 
 @dataclass(frozen=True)
@@ -123,44 +130,56 @@ class MixedResSampler:
 
     steps: (N1, N2, N3) Euler steps per stage. ends: progress (e1, e2) at the end of stages 1 and 2.
     shifts: per-stage schedule shift; None on a stage spanning all of [1, 0] means the model's own schedule.
-    z: rewind factor (>= 1; 1 = no rewind). renoise: one of coherent_field, iid, none, ralu_correlated.
-    expander: the coarse -> fine operator. align: position of coarse tokens ("topleft" or "center").
-    ref_mode: "coarse" keeps the reference at the coarse level until the last stage (the paper's FLOPs
-    imply it), "full" keeps it at full resolution throughout.
+    z: rewind factor (>= 1; 1 = no rewind). Shifts and Z are NT-DM fits for a model's full-resolution shift
+    (``samplers.ntdm.fit_ntdm``); the named presets carry each family's fits. renoise: the re-noise strategy
+    (:class:`~samplers.expand.CoherentField`, ``IID``, ``NoRenoise``, ``RaluCorrelated``). expander: the
+    coarse -> fine operator. align: position of coarse tokens ("topleft" or "center"). ref_mode: "coarse" keeps
+    the reference at the coarse level until the last stage (the paper's FLOPs imply it), "full" keeps it at full
+    resolution throughout.
     """
 
-    steps: tuple[int, int, int] = (5, 8, 5)
-    ends: tuple[float, float] = (0.3, 0.6)
-    shifts: tuple[float | None, float | None, float | None] = (5.93, 2.29, 2.66)
-    z: float = 4.33
-    renoise: str = "coherent_field"
+    steps: tuple[int, int, int]
+    ends: tuple[float, float]
+    shifts: tuple[float | None, float | None, float | None]
+    z: float
+    renoise: Any = CoherentField()
     expander: Any = HaarExpander()
     align: str = "topleft"
     ref_mode: str = "coarse"
 
     def __post_init__(self):
-        if self.renoise not in RENOISE_MODES:
-            raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
-        if self.ref_mode not in ("coarse", "full"):
-            raise ValueError(f"ref_mode must be 'coarse' or 'full', got {self.ref_mode!r}")
+        if not callable(getattr(self.renoise, "renoise", None)):
+            raise ValueError(f"renoise must be a strategy object such as CoherentField() or RaluCorrelated(), "
+                             f"got {self.renoise!r}")  # fmt: skip
+        for name, value, options in (("ref_mode", self.ref_mode, ("coarse", "full")),
+                                     ("align", self.align, ("topleft", "center"))):  # fmt: skip
+            if value not in options:
+                raise ValueError(f"MixedResSampler.{name} must be one of {options}, got {value!r}")
         if len(self.steps) != 3 or any(n < 0 for n in self.steps):
             raise ValueError(f"steps must be three non-negative counts, got {self.steps}")
+        if len(self.shifts) != 3:
+            raise ValueError(f"shifts must have one entry per stage, got {self.shifts}")
         e1, e2 = self.ends
         if not 0.0 <= e1 <= e2 < 1.0:
             raise ValueError(f"ends must satisfy 0 <= e1 <= e2 < 1, got {self.ends}")
-        if self.z < 1.0:
-            raise ValueError(f"z must be >= 1, got {self.z}")
-        if self.renoise == "ralu_correlated" and self.z < 2.0:
-            raise ValueError(f"ralu_correlated re-noise needs z >= 2, got {self.z}")
+        if not self.z >= max(1.0, self.renoise.min_z):  # also rejects NaN
+            raise ValueError(
+                f"z must be >= {max(1.0, self.renoise.min_z)} for {self.renoise!r}, got {self.z}"
+            )
         for i, (s, e) in enumerate(zip(self.starts(), (e1, e2, 1.0))):
             if self.steps[i] > 0 and not s < e:
                 raise ValueError(
                     f"stage {i + 1} starts at progress {s:.4f} but ends at {e}: nothing to integrate"
                 )
 
+    @property
+    def ref_factor(self) -> float:
+        """The reference's downsampling in the coarse and mixed stages."""
+        return 2.0 if self.ref_mode == "coarse" else 1.0
+
     def starts(self) -> tuple[float, float, float]:
         """Progress at the start of each stage, after the rewinds."""
-        z = 1.0 if self.renoise == "none" else self.z
+        z = self.z if getattr(self.renoise, "rewinds", True) else 1.0
         return 0.0, rewind(self.ends[0], z), rewind(self.ends[1], z)
 
     def stage_sigmas(self, n_fine: int, schedule) -> list[Tensor]:
@@ -177,143 +196,102 @@ class MixedResSampler:
                 out.append(shifted_range(1.0 - s, 1.0 - e, n, shift))
         return out
 
-    def sample(
-        self,
-        editor,
-        field: NoiseField,
-        select,
-        *,
-        x0_init: Tensor | None = None,
-        callback=None,
-        progress=False,
-    ) -> Trajectory:
-        """Run the three stages. ``x0_init`` (a coarse clean latent, e.g. an upsampled draft) replaces stage 1:
-        it is noised to the end of stage 1 on the field and stage 1's steps are skipped."""
-        grid = editor.grid
-        h, w = grid
+    def plan(self, shape: EditShape, n_expanded: int, *, skip_first: bool = False) -> list[Forward]:
+        """The forwards of a run that expands ``n_expanded`` coarse cells (stage 1 skipped with ``skip_first``)."""
+        nc, b = shape.coarse[0] * shape.coarse[1], shape.batch
+        n1 = 0 if skip_first else self.steps[0]
+        return ([Forward("coarse", nc, self.ref_factor, b)] * n1
+                + [Forward("mixed", nc + 3 * n_expanded, self.ref_factor, b)] * self.steps[1]
+                + [Forward("full", shape.grid[0] * shape.grid[1], 1.0, b)] * self.steps[2])  # fmt: skip
+
+    def sample(self, editor, field: NoiseField, select, *, x0_init: Tensor | None = None, callback=None,
+               progress=False) -> Trajectory:  # fmt: skip
+        """Run the three stages. ``select``: a verdict (anything with a ``mask``) or a callable given the coarse
+        clean estimate after stage 1. ``x0_init`` (a clean latent, e.g. the draft) replaces stage 1: it is
+        noised to the end of stage 1 on the field and stage 1's steps are skipped."""
+        h, w = editor.grid
         if h % 2 or w % 2:
-            raise ValueError(f"the fine token grid {grid} must be even to have a 2x2 coarse grid")
-        gc = (h // 2, w // 2)
-        device = field.fine.device
-        sig = [s.to(device) for s in self.stage_sigmas(h * w, editor.schedule)]
-        s1, s2, s3 = self.starts()
-        e1, e2 = self.ends
-        ref12 = 2.0 if self.ref_mode == "coarse" else 1.0
+            raise ValueError(f"the fine token grid {editor.grid} must be even to have a 2x2 coarse grid")
+        sig = [s.to(field.fine.device) for s in self.stage_sigmas(h * w, editor.schedule)]
         traj = Trajectory(latent=field.fine)
-        coarse_noise = field.at((h, w))  # coarse latent pixels = fine token grid
+        run = partial(sample_stage, editor, traj=traj, callback=callback, progress=progress)
+        x, v = self._coarse(editor, field, sig[0], x0_init, run)
+        verdict = select if hasattr(select, "mask") else select(self._estimate(editor, x, v, x0_init))
+        expanded = _shared_mask(verdict.mask, (h // 2, w // 2))
+        x, v = self._to_mixed(editor, field, x, v, expanded, sig[1], run)
+        x = self._to_full(editor, field, x, v, expanded, sig[2], run)
+        traj.latent, traj.verdict, traj.expanded = editor.unpack(x, editor.grid), verdict, expanded
+        return traj
 
-        # stage 1: every token coarse
-        layout = Layout.full(gc, ref_factor=ref12, offset=0.25 if self.align == "center" else 0.0)
-        v = None
+    def _coarse_noise(self, editor, field: NoiseField) -> Tensor:
+        """The field at the coarse level: 2 x 2 fine tokens per coarse token."""
+        p, (h, w) = editor.patch, editor.grid
+        return field.at((p * (h // 2), p * (w // 2)))
+
+    def _coarse(self, editor, field, sigmas, x0_init, run) -> tuple[Tensor, Tensor | None]:
+        """Stage 1: every token coarse (or ``x0_init`` noised to the end of stage 1 instead)."""
+        noise = self._coarse_noise(editor, field)
         if x0_init is not None:
-            x0 = area_resize(x0_init.to(coarse_noise), (h, w))
-            x = pack((e1 * x0.float() + (1 - e1) * coarse_noise.float()).to(coarse_noise.dtype))
-        else:
-            x, v = run_stage(
-                editor.denoiser(layout),
-                pack(coarse_noise),
-                sig[0],
-                name="coarse",
-                layout=layout,
-                traj=traj,
-                callback=callback,
-                progress=progress,
-            )
+            e1 = self.ends[0]
+            x0 = area_resize(x0_init.to(noise), tuple(noise.shape[-2:]))
+            return editor.pack((e1 * x0.float() + (1 - e1) * noise.float()).to(noise.dtype)), None
+        gc = (editor.grid[0] // 2, editor.grid[1] // 2)
+        layout = Layout.full(gc, ref_factor=self.ref_factor, offset=0.25 if self.align == "center" else 0.0)
+        return run(layout, editor.pack(noise), sigmas, "coarse")
 
-        # transition 1 -> 2: choose the cells, expand them, re-noise everything
+    def _estimate(self, editor, x: Tensor, v: Tensor | None, x0_init: Tensor | None) -> Tensor:
+        """The coarse clean estimate at the end of stage 1, for selectors that look at the trajectory."""
+        gc = (editor.grid[0] // 2, editor.grid[1] // 2)
+        if v is not None:
+            return editor.unpack(x - (1.0 - self.ends[0]) * v, gc)
+        if x0_init is None:
+            raise ValueError("this selector needs a stage-1 estimate: give stage 1 at least one step")
+        return area_resize(x0_init.to(x), (editor.patch * gc[0], editor.patch * gc[1]))
+
+    def _to_mixed(self, editor, field, x, v, expanded, sigmas, run) -> tuple[Tensor, Tensor | None]:
+        """Transition 1 -> 2 (expand the chosen cells to 2 x 2 fine tokens, re-noise every token), then stage 2.
+
+        Token order of the mixed stage: [kept coarse tokens (raster)] + [children of expanded cells (cell by
+        cell, children row-major)] (``samplers.layout.mixed_indices``)."""
+        gc, e1 = expanded.shape, self.ends[0]
         sigma = 1.0 - e1
-        if callable(select) and not hasattr(select, "mask"):
-            if v is None and x0_init is None:
-                raise ValueError("this selector needs a stage-1 estimate: give stage 1 at least one step")
-            x0_tok = x - sigma * v if v is not None else pack(area_resize(x0_init.to(coarse_noise), (h, w)))
-            verdict = select(unpack(x0_tok, gc))
-        else:
-            verdict = select
-        expanded = _shared_mask(verdict.mask, gc)
-        keep, children = mixed_indices(expanded)
-        keep, children = keep.to(device), children.to(device)
-        eps = None if v is None else unpack((x.float() + (1 - sigma) * v.float()).to(x.dtype), gc)
-        fine = pack(self.expander.expand(unpack(x, gc), sigma, eps, field))
+        keep, children = (t.to(x.device) for t in mixed_indices(expanded))
+        eps = None if v is None else editor.unpack((x.float() + (1 - sigma) * v.float()).to(x.dtype), gc)
+        fine = editor.pack(self.expander.expand(editor, editor.unpack(x, gc), sigma, eps, field))
         x = torch.cat([x[:, keep], fine[:, children]], 1)
-        field_tok = torch.cat([pack(coarse_noise)[:, keep], pack(field.fine)[:, children]], 1)
-        replicated = torch.arange(x.shape[1], device=device) >= len(keep)
-        x = self._renoise(x, e1, s2, field_tok, replicated, field, salt=1)
+        coarse_tok = editor.pack(self._coarse_noise(editor, field))
+        field_tok = torch.cat([coarse_tok[:, keep], editor.pack(field.fine)[:, children]], 1)
+        groups = len(keep) + torch.arange(len(children), device=x.device).view(-1, 4)
+        x = self._renoise(x, e1, self.starts()[1], field_tok, groups, field, salt=1)
+        layout = Layout.mixed(expanded, align=self.align, ref_factor=self.ref_factor)
+        return run(layout, x, sigmas, "mixed")
 
-        # stage 2: kept cells coarse, expanded cells fine
-        layout = Layout.mixed(expanded, align=self.align, ref_factor=ref12)
-        x, v = run_stage(
-            editor.denoiser(layout),
-            x,
-            sig[1],
-            name="mixed",
-            layout=layout,
-            traj=traj,
-            callback=callback,
-            progress=progress,
-        )
-
-        # transition 2 -> 3: expand the remaining coarse cells, back to raster order, re-noise
+    def _to_full(self, editor, field, x, v, expanded, sigmas, run) -> Tensor:
+        """Transition 2 -> 3 (expand the remaining coarse cells, back to raster order, re-noise), then stage 3."""
+        gc, e2 = tuple(expanded.shape), self.ends[1]
         sigma = 1.0 - e2
-        b, _, c = x.shape
-        n_keep = len(keep)
-        coarse_state = x.new_zeros(b, gc[0] * gc[1], c)
-        coarse_state[:, keep] = x[:, :n_keep]
+        keep, children = (t.to(x.device) for t in mixed_indices(expanded))
+        b, n_keep, c = x.shape[0], len(keep), x.shape[2]
+        coarse = x.new_zeros(b, gc[0] * gc[1], c)
+        coarse[:, keep] = x[:, :n_keep]
         eps = None
         if v is not None:
             eps_tok = x.new_zeros(b, gc[0] * gc[1], c)
             eps_tok[:, keep] = (x[:, :n_keep].float() + (1 - sigma) * v[:, :n_keep].float()).to(x.dtype)
-            eps = unpack(eps_tok, gc)
-        fine = pack(self.expander.expand(unpack(coarse_state, gc), sigma, eps, field))
+            eps = editor.unpack(eps_tok, gc)
+        fine = editor.pack(self.expander.expand(editor, editor.unpack(coarse, gc), sigma, eps, field))
         fine[:, children] = x[:, n_keep:]
-        replicated = torch.ones(h * w, dtype=torch.bool, device=device)
-        replicated[children] = False
-        x = self._renoise(fine, e2, s3, pack(field.fine), replicated, field, salt=2, raster=grid)
+        _, replicated = mixed_indices(~expanded)  # the kept cells' children, 4 consecutive per cell
+        groups = replicated.to(x.device).view(-1, 4)
+        x = self._renoise(fine, e2, self.starts()[2], editor.pack(field.fine), groups, field, salt=2)
+        return run(Layout.full(editor.grid), x, sigmas, "full")[0]
 
-        # stage 3: full resolution
-        layout = Layout.full(grid)
-        x, _ = run_stage(
-            editor.denoiser(layout),
-            x,
-            sig[2],
-            name="full",
-            layout=layout,
-            traj=traj,
-            callback=callback,
-            progress=progress,
-        )
-        traj.latent, traj.verdict, traj.expanded = unpack(x, grid), verdict, expanded
-        return traj
-
-    def _renoise(self, x, e, s, field_tok, replicated, field: NoiseField, salt: int, raster=None) -> Tensor:
-        if self.renoise == "ralu_correlated" and raster is not None:
-            # children of one parent must be consecutive for the block covariance: go to cell-major order
-            hc, wc = raster[0] // 2, raster[1] // 2
-            order = _cell_major(hc, wc).to(x.device)
-            y = renoise(
-                x[:, order],
-                e,
-                s,
-                self.renoise,
-                field_tokens=field_tok[:, order],
-                replicated=replicated[order],
-                z=self.z,
-            )
-            out = torch.empty_like(x)
-            out[:, order] = y
-            return out
-        fresh = field.fresh(tuple(x.shape), salt) if self.renoise == "iid" else None
-        return renoise(
-            x, e, s, self.renoise, field_tokens=field_tok, replicated=replicated, z=self.z, fresh=fresh
-        )
+    def _renoise(self, x, e, s, field_tokens, groups, field: NoiseField, salt: int) -> Tensor:
+        fresh = lambda shape: field.fresh(shape, salt)
+        return self.renoise.renoise(x, Transition(e, s, self.z, field_tokens, groups, fresh))
 
 
-def _cell_major(hc: int, wc: int) -> Tensor:
-    """Fine-grid raster indices reordered so each coarse cell's 2x2 children are consecutive."""
-    _, children = mixed_indices(torch.ones(hc, wc, dtype=torch.bool))
-    return children
-
-
-def _shared_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+def _shared_mask(mask: Tensor, grid: Grid) -> Tensor:
     """One (hc, wc) mask for the whole batch; per-sample token sets are not supported (they would need
     padded sequences), so differing masks raise."""
     mask = mask.to(torch.bool).cpu()
@@ -336,7 +314,8 @@ class BottleneckSampler:
     Each stage denoises to sigma = 0 at its resolution (``factors``: 1 = full, 2 = half per side, ...) on a
     schedule shifted by ``shifts[i]`` that starts at ``strengths[i]``; the next stage resizes the clean result
     (area down, nearest up), re-noises it on the noise field to its strength and continues. The reference
-    follows the stage's resolution. Stage mechanics are our reading of the paper (its code is unavailable).
+    follows the stage's resolution. Stage mechanics are our reading of the Bottleneck Sampling paper
+    (arXiv 2503.18940); its code could not be obtained.
     """
 
     steps: tuple[int, ...] = (3, 10, 5)
@@ -350,44 +329,37 @@ class BottleneckSampler:
             raise ValueError("steps, factors, strengths and shifts need one entry per stage")
         if self.strengths[0] != 1.0 or self.factors[-1] != 1:
             raise ValueError("the first stage must start from pure noise and the last run at full resolution")
+        if any(k < 1 for k in self.steps):
+            raise ValueError(f"every Bottleneck stage needs at least one step, got {self.steps}")
 
-    def sample(self, editor, field: NoiseField, select=None, *, callback=None, progress=False) -> Trajectory:
-        traj = Trajectory(latent=field.fine)
-        x0 = None
+    def sample(self, editor, field: NoiseField, select=None, *, x0_init=None, callback=None,
+               progress=False) -> Trajectory:  # fmt: skip
+        _no_init(x0_init, "BottleneckSampler")
+        traj, x0, p = Trajectory(latent=field.fine), None, editor.patch
         for i, (n, f, w, shift) in enumerate(zip(self.steps, self.factors, self.strengths, self.shifts)):
             grid = scaled_grid(editor.grid, f)
-            size = (2 * grid[0], 2 * grid[1])
+            size = (p * grid[0], p * grid[1])
             noise = field.at(size)
             if x0 is None:
-                x = pack(noise)
+                x = editor.pack(noise)
             else:
                 x0 = area_resize(x0, size) if x0.shape[-1] > size[1] else _nearest(x0, size)
-                x = pack((1 - w) * x0 + w * noise)
+                x = editor.pack((1 - w) * x0 + w * noise)
             layout = Layout.full(grid, ref_factor=float(f))
             sigmas = shifted_range(w, 0.0, n, shift).to(noise.device)
-            x, _ = run_stage(
-                editor.denoiser(layout),
-                x,
-                sigmas,
-                name=f"stage{i + 1}",
-                layout=layout,
-                traj=traj,
-                callback=callback,
-                progress=progress,
-            )
-            x0 = unpack(x, grid)
+            x, _ = sample_stage(editor, layout, x, sigmas, f"stage{i + 1}", traj=traj, callback=callback,
+                                progress=progress)  # fmt: skip
+            x0 = editor.unpack(x, grid)
         traj.latent = x0
         return traj
 
-    def events(self, grid: tuple[int, int]) -> list[dict]:
+    def plan(self, shape: EditShape, n_expanded: int = 0, *, skip_first: bool = False) -> list[Forward]:
         out = []
         for i, (n, f) in enumerate(zip(self.steps, self.factors)):
-            g = scaled_grid(grid, f)
-            out += [
-                {"kind": "forward", "stage": f"stage{i + 1}", "n_target": g[0] * g[1], "ref_factor": float(f)}
-            ] * n
+            g = scaled_grid(shape.grid, f)
+            out += [Forward(f"stage{i + 1}", g[0] * g[1], float(f), shape.batch)] * n
         return out
 
 
-def _nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
+def _nearest(x: Tensor, size: Grid) -> Tensor:
     return torch.nn.functional.interpolate(x, size=size, mode="nearest")

@@ -8,138 +8,98 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from specedit import costs
+from specedit import validate as v
+from specedit.families import families, get_family
 
-QWEN_NOTE = (
-    "The paper's 28219.71 TFLOPs is not reached at a 1024^2 output: with true CFG (2 forwards per step) and the "
-    "~1.4k-token text stream that carries the 1369 VL image tokens, 50 steps at 1024^2 + 1024^2 give about 19.8 "
-    "PFLOPs (-30 %). The same count matches the paper within 0.3 % for a 1328^2 output (Qwen-Image's native "
-    "square size) with the reference at ~1024^2, which the pipeline always resizes it to; see "
-    "'paper_setting_check'. MACs instead of FLOPs, no CFG, or no vision tokens in the text all miss by 40-65 %."
-)
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors ("specedit <command>: error: ...") and exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _model_names(need: str) -> list[str]:
+    """Model names of the registered families that have ``need`` (an attribute of the Family record)."""
+    return [m for f in families().values() if getattr(f, need) is not None for m in f.models]
 
 
 def _flops(a: argparse.Namespace) -> dict:
-    if a.model == "qwen-image-edit":
-        text = a.text_tokens or 1400
-        neg = a.neg_text_tokens or text
-        out = costs.qwen_edit_baseline(
-            a.height,
-            a.width,
-            a.ref_height or a.height,
-            a.ref_width or a.width,
-            text,
-            neg,
-            a.steps,
-            measure=not a.analytic,
-        )
-        out.update(costs.paper_comparison(a.model, out["tflops_total"]))
-        check = costs.qwen_edit_baseline(1328, 1328, 1024, 1024, text, neg, a.steps, measure=False)
-        out["paper_setting_check"] = {
-            "height": 1328,
-            "width": 1328,
-            "ref": 1024,
-            "tflops_total": check["tflops_total"],
-            **costs.paper_comparison(a.model, check["tflops_total"]),
-        }
-        out["note"] = QWEN_NOTE
-        return out
-    out = costs.flux_kontext_baseline(
-        a.height,
-        a.width,
-        a.ref_height or a.height,
-        a.ref_width or a.width,
-        a.text_tokens or 512,
-        a.steps,
-        measure=not a.analytic,
-    )
-    paper_setting = (a.height, a.width, out["ref_height"], out["ref_width"], out["text_tokens"], a.steps) == (
-        1024,
-        1024,
-        1024,
-        1024,
-        512,
-        50,
-    )
-    if paper_setting:
-        out.update(costs.paper_comparison(a.model, out["tflops_total"]))
-    return out
+    fam = get_family(a.model)
+    return fam.flops_report(height=a.height, width=a.width, ref_height=a.ref_height, ref_width=a.ref_width,
+                            text_tokens=a.text_tokens, neg_text_tokens=a.neg_text_tokens, steps=a.steps,
+                            measure=not a.analytic)  # fmt: skip
 
 
 def _add_flops(sub) -> None:
     p = sub.add_parser(
         "flops", help="FLOPs of a full-size baseline edit, counted on the meta device (no weights)"
     )
-    p.add_argument("--model", default="flux-kontext-dev", choices=["flux-kontext-dev", "qwen-image-edit"])
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--ref-height", type=int, default=None, help="reference height (default: --height)")
-    p.add_argument("--ref-width", type=int, default=None, help="reference width (default: --width)")
+    p.add_argument("--model", default="flux-kontext-dev", choices=_model_names("flops_report"))
+    p.add_argument("--height", type=v.side, default=1024)
+    p.add_argument("--width", type=v.side, default=1024)
+    p.add_argument("--ref-height", type=v.side, default=None, help="reference height (default: --height)")
+    p.add_argument("--ref-width", type=v.side, default=None, help="reference width (default: --width)")
     p.add_argument(
         "--text-tokens",
-        type=int,
+        type=v.positive_int,
         default=None,
         help="text tokens (FLUX: T5, default 512; Qwen: DiT text stream incl. VL image tokens, default 1400)",
     )
     p.add_argument(
         "--neg-text-tokens",
-        type=int,
+        type=v.positive_int,
         default=None,
-        help="Qwen negative prompt length (default: --text-tokens)",
+        help="true-CFG models: negative prompt length (default: --text-tokens)",
     )
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=v.positive_int, default=50)
     p.add_argument("--analytic", action="store_true", help="skip the meta-device FlopCounterMode check")
-    p.set_defaults(func=_flops)
+    p.set_defaults(func=_flops)  # fmt: skip
 
 
 def _bench(a: argparse.Namespace) -> None:
     from specedit import bench
-
-    names = [n.strip() for n in a.methods.split(",") if n.strip()]
-    family = {"flux-kontext-dev": "flux", "qwen-image-edit": "qwen"}[a.model]
     from specedit.presets import methods
 
-    unknown = [n for n in names if n not in methods(family)]
+    fam = get_family(a.model)
+    names = [n.strip() for n in a.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in methods(fam)]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(methods(family))}")
-    if family == "qwen" and not a.meta:
-        raise ValueError("qwen-image-edit latency benchmarks are not wired to random weights yet; use --meta")
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(methods(fam))}")
     if a.meta:
         ref = (a.ref_height or a.height, a.ref_width or a.width)
-        rows = bench.meta_rows(
-            names,
-            height=a.height,
-            width=a.width,
-            expand_fraction=a.expand_fraction,
-            family=family,
-            ref_size=ref if ref != (a.height, a.width) else None,
-        )
+        rows = bench.meta_rows(names, family=fam, height=a.height, width=a.width, expand_fraction=a.expand_fraction,
+                               ref_size=ref if ref != (a.height, a.width) else None)  # fmt: skip
     else:
-        import torch
-
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-        if not a.random_weights:
-            raise ValueError("latency needs weights: pass --random-weights (or --meta for FLOPs only)")
-        editor = bench.random_editor(
-            bench.FLUX_CONFIGS[a.config], a.height, a.width, device=a.device, dtype=dtype
-        )
-        rows = bench.latency_rows(
-            names,
-            editor,
-            expand_fraction=a.expand_fraction,
-            family=family,
-            warmup=a.warmup,
-            repeats=a.repeats,
-            peak_tflops=bench.device_peak(a.device, dtype),
-        )
+        rows = _bench_latency(a, fam, names)
     if a.json:
         for r in rows:
             print(json.dumps(r))
     else:
         print(_table(rows))
+
+
+def _bench_latency(a: argparse.Namespace, fam, names: list[str]) -> list[dict]:
+    import torch
+
+    from specedit import bench
+
+    if not a.random_weights:
+        raise ValueError("latency needs weights: pass --random-weights (or --meta for FLOPs only)")
+    if fam.random_editor is None:
+        raise ValueError(f"family {fam.name!r} has no random-weight editor; use --meta")
+    config = a.config or fam.bench_configs[0]
+    if config not in fam.bench_configs:
+        raise ValueError(f"--config {config!r}: family {fam.name!r} has sizes {', '.join(fam.bench_configs)}")
+    fam.grid(a.height, a.width)  # validates the size before building anything
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    editor = fam.random_editor(config, a.height, a.width, device=a.device, dtype=dtype)
+    return bench.latency_rows(names, editor, family=fam, expand_fraction=a.expand_fraction, warmup=a.warmup,
+                              repeats=a.repeats, peak_tflops=bench.device_peak(a.device, dtype))  # fmt: skip
 
 
 def _table(rows: list[dict]) -> str:
@@ -158,7 +118,12 @@ def _table(rows: list[dict]) -> str:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="paper-style table: NFE, latency, TFLOPs and speedups per method")
-    p.add_argument("--model", default="flux-kontext-dev", choices=["flux-kontext-dev", "qwen-image-edit"])
+    p.add_argument(
+        "--model",
+        default="flux-kontext-dev",
+        choices=[*families(), *_model_names("costs")],
+        help="a model or family name",
+    )
     p.add_argument(
         "--methods",
         default="baseline-50,steps-18,ralu-4x,specedit-30,specedit-18,specedit-11,specedit-9",
@@ -167,70 +132,59 @@ def _add_bench(sub) -> None:
     p.add_argument("--meta", action="store_true", help="FLOPs only, full-size preset on the meta device")
     p.add_argument(
         "--expand-fraction",
-        type=float,
+        type=v.fraction,
         default=0.25,
         help="expanded fraction of coarse cells for verifier-based methods (a fixed budget when timing)",
     )
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=v.side, default=1024)
+    p.add_argument("--width", type=v.side, default=1024)
     p.add_argument(
-        "--ref-height", type=int, default=None, help="Qwen --meta: reference height (default: --height)"
+        "--ref-height", type=v.side, default=None, help="--meta: reference height (default: --height)"
     )
     p.add_argument(
-        "--ref-width", type=int, default=None, help="Qwen --meta: reference width (default: --width)"
+        "--ref-width", type=v.side, default=None, help="--meta: reference width (default: --width)"
     )
-    p.add_argument("--config", default="full", choices=["full", "mid", "tiny"], help="model size for latency")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", default=None, help="model size for latency (the family's; default its first)")
+    p.add_argument("--device", type=v.device, default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--random-weights", action="store_true", help="time with random weights (no download)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=v.non_negative_int, default=1)
+    p.add_argument("--repeats", type=v.positive_int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per method")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=_bench)  # fmt: skip
 
 
-EDIT_MODELS = {
-    "flux-kontext-dev": "black-forest-labs/FLUX.1-Kontext-dev",
-    "qwen-image-edit": "Qwen/Qwen-Image-Edit",
-    "qwen-image-edit-2509": "Qwen/Qwen-Image-Edit-2509",
-}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _edit(a: argparse.Namespace) -> dict:
     import torch
 
-    dtype = getattr(torch, DTYPES[a.dtype])
-    weights = a.weights or EDIT_MODELS[a.model]
-    common = dict(method=a.method, seed=a.seed, height=a.height, width=a.width, progress=not a.quiet)
-    if a.model == "flux-kontext-dev":
-        from specedit.kontext.pipeline import KontextPipeline
+    from specedit import presets
 
-        if len(a.image) != 1:
-            raise ValueError(f"flux-kontext-dev edits one image, got {len(a.image)} --image arguments")
-        pipe = KontextPipeline.from_pretrained(weights, dtype=dtype, device=a.device)
-        out = pipe.edit(a.image[0], a.prompt, steps=a.steps or 28, guidance=a.guidance, **common)
-    else:
-        from specedit.qwen.pipeline import QwenEditPipeline
+    fam = get_family(a.model)
+    if a.method != "baseline":
+        presets.get(a.method, fam)  # an unknown method fails before any loading
+    v.check_output_file(a.out, a.image, overwrite=a.overwrite)
+    if a.save_mask:
+        v.check_output_file(a.save_mask, [*a.image, a.out], overwrite=a.overwrite)
+        if os.path.abspath(a.save_mask) == os.path.abspath(a.out):
+            raise ValueError(f"--save-mask {a.save_mask} is the --out file: give it another name")
+    entry = fam.models[a.model]
+    options = dict(entry.options, **({} if a.area is None else {"area": a.area}))
+    pipe = fam.pipeline.from_pretrained(a.weights or entry.repo, dtype=getattr(torch, DTYPES[a.dtype]),
+                                        device=a.device, **options)  # fmt: skip
+    images = a.image if len(a.image) > 1 else a.image[0]
+    out = pipe.edit(images, a.prompt, method=a.method, seed=a.seed, steps=a.steps, guidance=a.guidance,
+                    true_cfg_scale=a.true_cfg_scale, negative_prompt=a.negative_prompt, height=a.height,
+                    width=a.width, progress=not a.quiet)  # fmt: skip
+    return _save_edit(a, out)
 
-        if a.model == "qwen-image-edit" and len(a.image) != 1:
-            raise ValueError(
-                f"qwen-image-edit edits one image (qwen-image-edit-2509 takes several), got {len(a.image)}"
-            )
-        variant = "edit-plus" if a.model.endswith("2509") else "edit"
-        pipe = QwenEditPipeline.from_pretrained(
-            weights, variant=variant, dtype=dtype, device=a.device, area=a.area
-        )
-        images = a.image if len(a.image) > 1 else a.image[0]
-        out = pipe.edit(
-            images,
-            a.prompt,
-            steps=a.steps or 50,
-            true_cfg_scale=a.true_cfg_scale,
-            negative_prompt=a.negative_prompt,
-            **common,
-        )
-    out.image.save(a.out)
+
+def _save_edit(a: argparse.Namespace, out) -> dict:
+    if a.save_mask and out.mask is None:
+        raise ValueError(f"--save-mask: method {a.method!r} verifies no tokens (no mask to save)")
+    _atomic_save(out.image, a.out)
     flops = out.flops()
     summary = {
         "out": a.out,
@@ -243,42 +197,72 @@ def _edit(a: argparse.Namespace) -> dict:
     if out.mask is not None:
         summary["expanded_fraction"] = round(float(out.mask.float().mean()), 4)
         if a.save_mask:
-            out.overlay().save(a.save_mask)
+            _atomic_save(out.overlay(), a.save_mask)
             summary["mask"] = a.save_mask
-    elif a.save_mask:
-        raise ValueError(f"--save-mask: method {a.method!r} verifies no tokens (no mask to save)")
     return summary
+
+
+def _atomic_save(image, path: str) -> None:
+    """Write ``image`` next to ``path`` under a temporary name, then rename it into place."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    image.save(tmp, format=image.format or _format(target))
+    os.replace(tmp, target)
+
+
+def _format(path: Path) -> str:
+    from PIL import Image
+
+    ext = path.suffix.lower()
+    Image.init()
+    if ext not in Image.EXTENSION:
+        raise ValueError(f"--out {path}: unknown image extension {ext!r} (use .png, .jpg, .webp, ...)")
+    return Image.EXTENSION[ext]
 
 
 def _add_edit(sub) -> None:
     p = sub.add_parser("edit", help="edit an image with the baseline sampler or a SpecEdit preset")
-    p.add_argument("--model", default="flux-kontext-dev", choices=list(EDIT_MODELS))
+    p.add_argument("--model", default="flux-kontext-dev", choices=_model_names("pipeline"))
     p.add_argument(
-        "--image", action="append", required=True, help="input image (repeat for multi-image models)"
+        "--image",
+        action="append",
+        required=True,
+        type=v.input_file,
+        help="input image (repeat for multi-image models)",
     )
     p.add_argument("--prompt", required=True)
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--out", required=True, help="output image (PNG, JPEG, WebP, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --save-mask")
     p.add_argument(
         "--method",
         default="baseline",
         help="baseline, specedit-30, specedit-18, specedit-11, specedit-9 or any preset name",
     )
-    p.add_argument("--steps", type=int, default=None, help="steps of the baseline sampler (FLUX 28, Qwen 50)")
-    p.add_argument("--guidance", type=float, default=2.5, help="FLUX distilled guidance")
-    p.add_argument("--true-cfg-scale", type=float, default=4.0, help="Qwen true CFG scale")
-    p.add_argument("--negative-prompt", default=" ", help="Qwen negative prompt")
     p.add_argument(
-        "--area", type=int, default=1024**2, help="Qwen working area in pixels (references, output)"
+        "--steps",
+        type=v.positive_int,
+        default=None,
+        help="steps of the baseline sampler (default: the model's, FLUX 28, Qwen 50)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument(
+        "--guidance", type=v.finite_float, default=None, help="FLUX distilled guidance (default 2.5)"
+    )
+    p.add_argument(
+        "--true-cfg-scale", type=v.finite_float, default=None, help="true CFG scale (Qwen default 4.0)"
+    )
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for true CFG (Qwen default ' ')")
+    p.add_argument(
+        "--area", type=v.area, default=None, help="Qwen: VAE working area in pixels (default 1024^2)"
+    )
+    p.add_argument("--seed", type=v.seed, default=0)
+    p.add_argument("--height", type=v.side, default=None)
+    p.add_argument("--width", type=v.side, default=None)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", type=v.device, default="cuda" if _cuda() else "cpu")
     p.add_argument("--weights", default=None, help="local folder or hub repo id (default: the official repo)")
-    p.add_argument("--save-mask", default=None, help="PNG of the verified-token mask over the input")
+    p.add_argument("--save-mask", default=None, help="image of the verified-token mask over the input")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_edit)
+    p.set_defaults(func=_edit)  # fmt: skip
 
 
 def _cuda() -> bool:
@@ -302,6 +286,7 @@ def _train_toy(a: argparse.Namespace) -> dict:
             "ae_crop": a.ae_crop,
             "lr": a.lr,
             "ema": a.ema,
+            "ckpt_every": a.checkpoint_every,
         }.items()
         if v is not None
     }
@@ -329,6 +314,7 @@ def _train_toy(a: argparse.Namespace) -> dict:
         init_from=a.init_from,
         workers=a.workers,
         out=a.out,
+        overwrite=a.overwrite,
         log=log,
         **overrides,
     )
@@ -338,8 +324,11 @@ def _add_train_toy(sub) -> None:
     p = sub.add_parser("train-toy", help="train the toy editor (resumable; --background to detach)")
     p.add_argument("--run", default="runs/toy", help="run folder: checkpoints, dataset cache, log, weights")
     p.add_argument("--out", default=None, help="where to write the final weights (default: RUN/weights)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace another run's toy editor")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (250)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this many minutes")
+    p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this many minutes, all "
+                   "stages counted; SIGINT / SIGTERM also stop it resumably")  # fmt: skip
     p.add_argument("--background", action="store_true", help="run detached; progress goes to RUN/train.out")
     p.add_argument("--ae-from", default=None, help="take the autoencoder from a trained toy editor folder")
     p.add_argument("--workers", type=int, default=0, help="processes generating the dataset")
@@ -366,8 +355,8 @@ def _add_train_toy(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="specedit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="specedit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_flops(sub)
     _add_bench(sub)
     _add_edit(sub)
@@ -376,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_commands(sub)
     argv = sys.argv[1:] if argv is None else argv
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument already reported in one line
+        return int(e.code or 0)
     a.argv = argv
     try:
         result = a.func(a)

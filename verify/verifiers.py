@@ -4,19 +4,26 @@ Every verifier has one verb, ``verify(editor, candidate) -> Verdict``. ``candida
 edit at any resolution (SpecEdit's 16x draft, or the coarse stage-1 estimate for the ablations and the
 baselines); ``editor`` supplies the source latent (``source``), the coarse grid (``grid`` halved) and, where
 needed, decoder features (``features(latent, taps)``) and decoding (``decode(latent)``). A verdict's ``events``
-list the VAE work done, for cost accounting.
+list the VAE work done (:class:`~models.work.VaeWork`), for cost accounting.
+
+Each verifier also plans its own work without running: ``plan(shape, fraction) -> VerifierPlan`` gives the VAE
+work a run records and the expanded fraction it realises, where ``fraction`` is the assumed outcome of a
+data-dependent rule (a threshold); ``with_budget(fraction)`` turns a data-dependent rule into a fixed budget
+(the same verifier where the count is already fixed).
 
 Shape legend: b batch, c latent channels, H W latent pixels, hc wc coarse token cells.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.work import EditShape, VaeWork
 from verify.canny import canny
 from verify.discrepancy import dilate, feature_distance, normalize_scores, pool_scores
 
@@ -24,17 +31,43 @@ from verify.discrepancy import dilate, feature_distance, normalize_scores, pool_
 @dataclass
 class Verdict:
     """mask: (b, hc, wc) cells to expand (T_exp); edit: the semantic part (T_edit) before the uniform union;
-    score: (b, hc, wc) per-cell score; events: VAE work done, e.g. {"kind": "features", "size": (H, W)}."""
+    score: (b, hc, wc) per-cell score; events: the VAE work done."""
 
     mask: Tensor
     edit: Tensor | None = None
     score: Tensor | None = None
-    events: list[dict] = field(default_factory=list)
+    events: list[VaeWork] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
         """Expanded fraction of the coarse cells (first sample)."""
         return float(self.mask[0].float().mean())
+
+
+@dataclass(frozen=True)
+class VerifierPlan:
+    """What a verifier will do on an edit of a given shape: its VAE work and the expanded fraction."""
+
+    work: list[VaeWork]
+    fraction: float
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
+
+
+def _count_fraction(grid: tuple[int, int], fraction: float) -> float:
+    """The fraction a top-k rule of ``int(n * fraction)`` cells realises on ``grid``."""
+    n = grid[0] * grid[1]
+    return int(n * fraction) / n
+
+
+def uniform_fraction(grid: tuple[int, int], k: int | None) -> float:
+    """Share of ``grid`` in the uniform set of stride ``k`` (0 for None)."""
+    if k is None:
+        return 0.0
+    return math.ceil(grid[0] / k) * math.ceil(grid[1] / k) / (grid[0] * grid[1])
 
 
 def coarse_grid(editor) -> tuple[int, int]:
@@ -89,13 +122,45 @@ class FeatureVerifier:
     budget: float | None = None
 
     def __post_init__(self):
-        if self.reference not in ("full", "roundtrip"):
-            raise ValueError(f"reference must be 'full' or 'roundtrip', got {self.reference!r}")
+        for name, value, options in (("reference", self.reference, ("full", "roundtrip")),
+                                     ("upsample", self.upsample, ("bilinear", "nearest")),
+                                     ("pool", self.pool, ("mean", "max"))):  # fmt: skip
+            if value not in options:
+                raise ValueError(f"FeatureVerifier.{name} must be one of {options}, got {value!r}")
         normalize_scores(torch.zeros(1, 1, 1), self.score_norm)  # validates the mode
+        top = (
+            4.0 if self.score_norm == "none" else 1.0
+        )  # Eq. 6 scores lie in [0, 4]; normalised ones in [0, 1]
+        if not 0.0 <= self.tau <= top:  # also rejects NaN
+            raise ValueError(
+                f"tau must lie in [0, {top:g}] for score_norm {self.score_norm!r}, got {self.tau}"
+            )
+        if not self.taps:
+            raise ValueError("FeatureVerifier.taps must name at least one decoder feature map")
+        if self.dilation < 0 or (self.uniform is not None and self.uniform < 1):
+            raise ValueError(
+                f"need dilation >= 0 and uniform >= 1 or None, got {self.dilation}, {self.uniform}"
+            )
+        if self.budget is not None:
+            _check_fraction("budget", self.budget)
 
     @property
     def needs_candidate(self) -> bool:
         return self.semantic
+
+    def with_budget(self, fraction: float) -> FeatureVerifier:
+        """The same verifier expanding a fixed ``fraction`` (top scores) instead of thresholding."""
+        return replace(self, budget=fraction) if self.semantic else self
+
+    def plan(self, shape: EditShape, fraction: float) -> VerifierPlan:
+        if not self.semantic:
+            return VerifierPlan([], uniform_fraction(shape.coarse, self.uniform))
+        work = [VaeWork("features", shape.latent, self.taps, 2 * shape.batch)]
+        if self.budget is None:
+            return VerifierPlan(work, fraction)
+        n = shape.coarse[0] * shape.coarse[1]
+        given = round(uniform_fraction(shape.coarse, self.uniform) * n)
+        return VerifierPlan(work, max(round(self.budget * n), given) / n)
 
     def verify(self, editor, candidate: Tensor | None) -> Verdict:
         source = editor.source
@@ -123,14 +188,12 @@ class FeatureVerifier:
             edit = dilate(cells > self.tau, self.dilation)
         else:
             edit = _top_cells(cells, uniform, self.budget)
-        events = [{"kind": "features", "size": size, "taps": self.taps, "count": 2 * b}]
+        events = [VaeWork("features", size, self.taps, 2 * b)]
         return Verdict(mask=edit | uniform, edit=edit, score=cells, events=events)
 
 
 def _top_cells(score: Tensor, given: Tensor, fraction: float) -> Tensor:
     """(b, hc, wc) cells completing ``given`` to ``fraction`` of all cells, highest ``score`` first."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"budget must be a fraction in [0, 1], got {fraction}")
     b = score.shape[0]
     n = score[0].numel()
     k = max(0, round(fraction * n) - int(given[0].sum()))
@@ -147,6 +210,12 @@ class FixedVerifier:
     expand: bool = True
 
     needs_candidate = False
+
+    def with_budget(self, fraction: float) -> FixedVerifier:
+        return self
+
+    def plan(self, shape: EditShape, fraction: float) -> VerifierPlan:
+        return VerifierPlan([], float(self.expand))
 
     def verify(self, editor, candidate: Tensor | None) -> Verdict:
         grid = coarse_grid(editor)
@@ -170,6 +239,20 @@ class CannyVerifier:
 
     needs_candidate = True
 
+    def __post_init__(self):
+        _check_fraction("CannyVerifier.up_ratio", self.up_ratio)
+        if not 0.0 <= self.low <= self.high:
+            raise ValueError(f"Canny thresholds need 0 <= low <= high, got low={self.low}, high={self.high}")
+
+    def with_budget(self, fraction: float) -> CannyVerifier:
+        return self
+
+    def plan(self, shape: EditShape, fraction: float) -> VerifierPlan:
+        """A decode of the coarse estimate (half the fine latent per side) and its fixed top-k share."""
+        coarse_latent = (shape.patch * shape.coarse[0], shape.patch * shape.coarse[1])
+        work = [VaeWork("decode", coarse_latent, (), shape.batch)]
+        return VerifierPlan(work, _count_fraction(shape.coarse, self.up_ratio))
+
     def verify(self, editor, candidate: Tensor | None) -> Verdict:
         if candidate is None:
             raise ValueError("CannyVerifier needs the coarse stage-1 estimate")
@@ -187,7 +270,7 @@ class CannyVerifier:
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask.scatter_(1, flat.topk(k, dim=1).indices, True)
         mask = mask.view_as(counts)
-        events = [{"kind": "decode", "size": tuple(candidate.shape[-2:]), "count": candidate.shape[0]}]
+        events = [VaeWork("decode", tuple(candidate.shape[-2:]), (), candidate.shape[0])]
         return Verdict(mask=mask, edit=mask.clone(), score=counts, events=events)
 
 
@@ -195,7 +278,7 @@ class CannyVerifier:
 class VarianceVerifier:
     """Fresco-style selection by a per-cell variance of the coarse estimate.
 
-    stat: "channel" (variance over the 64 packed channels of each coarse token; the same lab's later papers
+    stat: "channel" (variance over the packed channels of each coarse token; the same lab's later papers
     describe Fresco this way) or "spatial" (variance over the cell's latent pixels, channel-averaged).
     order: "high_first" expands the highest-variance cells, "low_first" the lowest. fraction: share of cells.
     """
@@ -206,6 +289,19 @@ class VarianceVerifier:
 
     needs_candidate = True
 
+    def __post_init__(self):
+        _check_fraction("VarianceVerifier.fraction", self.fraction)
+        for name, value, options in (("stat", self.stat, ("channel", "spatial")),
+                                     ("order", self.order, ("high_first", "low_first"))):  # fmt: skip
+            if value not in options:
+                raise ValueError(f"VarianceVerifier.{name} must be one of {options}, got {value!r}")
+
+    def with_budget(self, fraction: float) -> VarianceVerifier:
+        return self
+
+    def plan(self, shape: EditShape, fraction: float) -> VerifierPlan:
+        return VerifierPlan([], _count_fraction(shape.coarse, self.fraction))
+
     def verify(self, editor, candidate: Tensor | None) -> Verdict:
         if candidate is None:
             raise ValueError("VarianceVerifier needs the coarse stage-1 estimate")
@@ -215,10 +311,8 @@ class VarianceVerifier:
         cells = candidate.float().view(b, c, grid[0], ph, grid[1], pw)
         if self.stat == "channel":
             score = cells.permute(0, 2, 4, 1, 3, 5).flatten(3).var(-1)
-        elif self.stat == "spatial":
-            score = cells.permute(0, 2, 4, 1, 3, 5).flatten(4).var(-1).mean(-1)
         else:
-            raise ValueError(f"stat must be 'channel' or 'spatial', got {self.stat!r}")
+            score = cells.permute(0, 2, 4, 1, 3, 5).flatten(4).var(-1).mean(-1)
         flat = score.flatten(1) * (1 if self.order == "high_first" else -1)
         k = int(flat.shape[1] * self.fraction)
         mask = torch.zeros_like(flat, dtype=torch.bool)

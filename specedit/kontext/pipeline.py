@@ -3,70 +3,81 @@
 ``KontextPipeline.from_pretrained`` loads every component of ``black-forest-labs/FLUX.1-Kontext-dev`` with our
 own modules: the diffusers folders (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
 tokenizer_2/, scheduler/) or BFL's single files in the repo root (flux1-kontext-dev.safetensors,
-ae.safetensors), from a local folder or the hub. ``prepare`` turns an (image, prompt) pair into the SpecEdit
-adapter :class:`~specedit.kontext.KontextEditor`; ``edit`` runs a method on it and decodes.
+ae.safetensors), from a local folder or the hub; any component may be given on its own (a folder, a file or a
+hub id). ``edit`` (:class:`specedit.pipeline.EditPipeline`: batches, seeds, outputs) runs a method and decodes.
 
-The steps are BFL's CLI / diffusers' ``FluxKontextPipeline`` (research memo models.md section 5.3):
-reference -> preferred Kontext resolution (LANCZOS) -> AE posterior mean, normalised; prompt -> T5 over 512
-padded tokens with no mask, CLIP pooled over 77; target size = reference size (in-place edit, BFL's
-convention); seeded noise drawn on a CPU generator; one guidance-distilled forward per step; AE decode.
-One deviation, for SpecEdit's 2x2 coarse grid and 4x draft: image sides are rounded to multiples of 64 px
-(see :func:`edit_size`).
+The steps are BFL's CLI / diffusers' ``FluxKontextPipeline``: reference -> preferred Kontext resolution
+(LANCZOS) -> AE posterior mean, normalised; prompt -> T5 over 512 padded tokens with no mask, CLIP pooled over
+77; target size = reference size (in-place edit, BFL's convention); seeded noise drawn on a CPU generator; one
+guidance-distilled forward per step; AE decode. One deviation, for SpecEdit's 2x2 coarse grid and 4x draft:
+image sides are rounded to multiples of 64 px (see :func:`edit_size`).
 
-Shape legend: b prompts, l text tokens (512), H W image pixels, h w latent pixels (H/8, W/8), hc wc coarse
-cells (H/32, W/32).
+Several images per edit: the first is edited (it fixes the output size and SpecEdit verifies against it);
+the others are further references, each at its own preferred Kontext resolution (sides rounded alike), placed
+after it by ``reference_method`` (``models.flux_kontext.reference_ids``; "offset", ComfyUI's default, or
+"index"). ``height``/``width`` size the first image; the others then keep their own aspect ratio at its area
+(:meth:`KontextPipeline.working_sizes`).
+
+True CFG: ``true_cfg_scale`` > 1 with a ``negative_prompt`` runs both prompts each step and combines
+``v_neg + scale (v_pos - v_neg)`` with no norm rescale, as diffusers' ``FluxKontextPipeline`` (whose default
+scale is 1.0: off); the distilled ``guidance`` embedding stays on in both branches.
+
+Shape legend: b prompts, l text tokens (512), H W image pixels, h w latent pixels (H/8, W/8).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.clip import CLIPText, load_clip
 from models.flux import Flux, load_flux
-from models.flux_ae import AutoEncoder, FluxAEConfig, load_flux_ae
-from models.flux_kontext import preferred_resolution
-from models.imageio import load_image, pil_to_tensor, resize, tensor_to_pil
-from models.loading import download, is_repo_id
+from models.flux_ae import load_flux_ae
+from models.flux_kontext import REFERENCE_METHODS, preferred_resolution
 from models.t5 import T5Encoder, load_t5
 from models.tokenization import TextTokenizer, load_clip_tokenizer, load_t5_tokenizer
-from samplers.mixed_res import FullResSampler
+from samplers.mixed_res import sync
 from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule
-from specedit import presets
 from specedit.kontext.editor import KontextEditor
-from specedit.method import Baseline
-from specedit.viz import EditOutput
+from specedit.pipeline import (
+    Component,
+    EditPipeline,
+    OnDemand,
+    Placement,
+    Sample,
+    borrowed,
+    encode_images,
+    grid_multiple,
+    image_size,
+    model_source,
+    open_image,
+    read_schedule,
+    resolve_root,
+    same_sizes,
+    stack_editors,
+    working_image,
+    working_tensor,
+)
 
 REPO_ID = "black-forest-labs/FLUX.1-Kontext-dev"
-# component -> (diffusers folder, BFL single file in the repo root that may replace it)
+KONTEXT_MODELS = {"flux-kontext-dev": REPO_ID}  # model name (``specedit edit --model``) -> hub id
 COMPONENTS = {
-    "transformer": ("transformer", "flux1-*.safetensors"),
-    "vae": ("vae", "ae.safetensors"),
-    "text_encoder": ("text_encoder", None),
-    "text_encoder_2": ("text_encoder_2", None),
-    "tokenizer": ("tokenizer", None),
-    "tokenizer_2": ("tokenizer_2", None),
+    "transformer": Component(("transformer",), "flux1-*.safetensors"),
+    "vae": Component(("vae",), "ae.safetensors"),
+    "text_encoder": Component(("text_encoder",)),
+    "text_encoder_2": Component(("text_encoder_2",)),
+    "tokenizer": Component(("tokenizer",), extensions=("json", "txt")),
+    "tokenizer_2": Component(("tokenizer_2",), extensions=("json", "model")),
 }
-_HUB_PATTERNS = {
-    "transformer": ["transformer/*.json", "transformer/*.safetensors"],
-    "vae": ["vae/*.json", "vae/*.safetensors"],
-    "text_encoder": ["text_encoder/*.json", "text_encoder/*.safetensors"],
-    "text_encoder_2": ["text_encoder_2/*.json", "text_encoder_2/*.safetensors"],
-    "tokenizer": ["tokenizer/*.json", "tokenizer/*.txt"],
-    "tokenizer_2": ["tokenizer_2/*.json", "tokenizer_2/*.model"],
-}
-TOKENS_PER_CELL = 4  # SpecEdit: a fine grid divisible by 4 (2x2 coarse cells, drafts 4x coarser per side)
+GUIDANCE = 2.5  # BFL's and diffusers' default for Kontext-dev
 
 
-# ----------------------------------------------------------------------------------------------- sizes
 def edit_size(
     image_size: tuple[int, int], *, height: int | None = None, width: int | None = None, multiple: int = 64
 ) -> tuple[int, int]:
@@ -89,94 +100,25 @@ def edit_size(
     return snap(width), snap(height)
 
 
-# ----------------------------------------------------------------------------------------------- devices
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@contextmanager
-def borrowed(module: nn.Module, device: torch.device):
-    """Run ``module`` on ``device`` while it lives elsewhere: its tensors are swapped for copies on ``device``
-    for the duration and swapped back afterwards. Nothing is copied back and the home copy (e.g. the CPU
-    weights, possibly memory-mapped from the file) is never freed, so an offloaded encoder costs one
-    host-to-device copy per use."""
-    if _device_of(module) == device:
-        yield module
-        return
-    saved = []
-    for m in module.modules():
-        for store in (m._parameters, m._buffers):
-            for k, t in store.items():
-                if t is not None:
-                    saved.append((store, k, t))
-                    copy = t.detach().to(device, non_blocking=True)
-                    store[k] = nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) else copy
-    try:
-        yield module
-    finally:
-        for store, k, t in saved:
-            store[k] = t
-
-
-class OnDemandAE:
-    """The FLUX AE kept on ``home`` and run, on borrowed copies (:func:`borrowed`), on the input's device.
-
-    Stands in for :class:`~models.flux_ae.AutoEncoder` wherever the editor uses it (``config``, ``encode``,
-    ``decode``, ``decoder_features``); inputs are cast to the AE's dtype, outputs stay in it. With ``home``
-    equal to the main device it only casts.
-    """
-
-    def __init__(self, ae: AutoEncoder, home: str | torch.device):
-        self.ae, self.home = ae, torch.device(home)
-
-    @property
-    def config(self) -> FluxAEConfig:
-        return self.ae.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.ae.parameters()).dtype
-
-    def encode(self, image: Tensor) -> Tensor:
-        """(b, 3, H, W) in [-1, 1] -> (b, z, H/8, W/8) normalised posterior mean."""
-        with borrowed(self.ae, image.device) as ae:
-            return ae.encode(image.to(self.dtype))
-
-    def decode(self, latent: Tensor) -> Tensor:
-        """(b, z, h, w) normalised latent -> (b, 3, 8h, 8w) image, about [-1, 1]."""
-        with borrowed(self.ae, latent.device) as ae:
-            return ae.decode(latent.to(self.dtype))
-
-    def decoder_features(self, latent: Tensor, taps: tuple[str, ...] = ("conv_in", "mid", "up0")):
-        with borrowed(self.ae, latent.device) as ae:
-            return ae.decoder_features(latent.to(self.dtype), taps)
-
-
-# ----------------------------------------------------------------------------------------------- output
-class KontextOutput(EditOutput):
-    """A Kontext edit (see ``EditOutput``); seconds: "encode" (image and prompt), "sample", "decode", "total"."""
-
-
-# ----------------------------------------------------------------------------------------------- pipeline
 @dataclass(eq=False)
-class KontextPipeline:
+class KontextPipeline(EditPipeline):
     """The loaded FLUX.1-Kontext-dev components and where they live.
 
-    ``model`` runs on ``device``. ``ae`` lives on its ``home`` device and runs on ``device``. With
-    ``offload_text_encoders`` the T5 and CLIP encoders live on the CPU and run on ``device`` only inside
-    :meth:`encode_prompt`, on copies freed right after (:func:`borrowed`): they are offloaded, not freed, so
-    the next prompt needs no reload. What stays on ``device`` is the transformer (22.2 GiB in bf16) and,
-    unless ``vae_device`` keeps it elsewhere, the AE (0.16 GiB in bf16); encoding adds T5-XXL's 9 GiB for
-    a moment (peak 31.3 GiB, measured on an H100 with random full-size weights at 1216x896).
+    ``model`` runs on ``device``. ``ae`` (:class:`~specedit.pipeline.OnDemand`) lives on its ``home`` device
+    and runs on ``device``. With ``offload_text_encoders`` the T5 and CLIP encoders live on the CPU and run on
+    ``device`` only inside :meth:`encode_prompt`, on borrowed copies (:func:`~specedit.pipeline.borrowed`):
+    offloaded, not freed, so the next prompt needs no reload and memory-mapped weights stay mapped. What stays
+    on ``device`` is the transformer (22.2 GiB in bf16) and, unless ``vae_device`` keeps it elsewhere, the AE
+    (0.16 GiB in bf16); encoding adds T5-XXL's 9 GiB for a moment (peak 31.3 GiB, measured on an H100 with
+    random full-size weights at 1216x896).
     """
 
+    family = "kontext"
+    default_steps = 28
+    default_id = REPO_ID
+
     model: Flux
-    ae: OnDemandAE
+    ae: OnDemand
     t5: T5Encoder
     clip: CLIPText
     t5_tokenizer: TextTokenizer
@@ -184,55 +126,60 @@ class KontextPipeline:
     device: torch.device
     schedule: ShiftSchedule = FLUX_SCHEDULE
     offload_text_encoders: bool = True
+    reference_method: str = "offset"
+
+    def __post_init__(self):
+        if self.reference_method not in REFERENCE_METHODS:
+            raise ValueError(
+                f"reference_method must be one of {REFERENCE_METHODS}, got {self.reference_method!r}"
+            )
+        self.device = torch.device(self.device)
 
     @classmethod
-    def from_pretrained(
+    def load(
         cls,
-        path_or_repo: str | os.PathLike = REPO_ID,
+        path_or_id: str | os.PathLike,
+        where: Placement,
         *,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        offload_text_encoders: bool = True,
-        vae_device: str | torch.device | None = None,
+        transformer: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None,
+        text_encoder: str | os.PathLike | None = None,
+        text_encoder_2: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        tokenizer_2: str | os.PathLike | None = None,
         max_sequence_length: int = 512,
-        **components: str | os.PathLike,
+        reference_method: str = "offset",
     ) -> KontextPipeline:
-        """Load from a local repo folder or a hub repo id (gated: needs ``HF_TOKEN``).
+        """``from_pretrained``'s loading: a local repo folder, a hub repo id (gated: needs ``HF_TOKEN``; only the
+        components' configs, weights and tokenizer files are downloaded) or a name of ``KONTEXT_MODELS``.
 
-        Args:
-            path_or_repo: a folder in the diffusers layout, optionally with BFL's single files in its root
-                (preferred by the loaders when present), or a repo id, of which only the component folders'
-                configs, weights and tokenizer files are downloaded.
-            dtype: cast every floating weight (e.g. ``torch.bfloat16``); None keeps the files' dtypes.
-            device: where the transformer runs (and everything else computes).
-            offload_text_encoders: keep T5/CLIP on the CPU between prompts (see the class docstring).
-            vae_device: where the AE is kept between encode/decode calls (e.g. "cpu"); None = ``device``.
-            max_sequence_length: T5 tokens (512 as in BFL and diffusers; at most 512).
-            components: optional explicit paths (or repo ids) per component, overriding the repo's:
-                transformer, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2.
+        transformer, vae, text_encoder (CLIP), text_encoder_2 (T5), tokenizer, tokenizer_2: a component's own
+        folder, single file (transformer: BFL's flux1-*.safetensors; vae: BFL's ae.safetensors) or hub id,
+        instead of the repo's. max_sequence_length: T5 tokens (512 as in BFL and diffusers; at most 512).
+        reference_method: placement of further references (``models.flux_kontext.reference_ids``).
         """
-        unknown = sorted(set(components) - set(COMPONENTS))
-        if unknown:
-            raise ValueError(f"unknown components {unknown}; choose from {sorted(COMPONENTS)}")
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
-        device = torch.device(device)
-        root = _resolve_root(path_or_repo, components)
-        paths = {name: components.get(name, root) for name in COMPONENTS}
-        text_home = torch.device("cpu") if offload_text_encoders else device
-        ae_home = device if vae_device is None else torch.device(vae_device)
+        given = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                     tokenizer=tokenizer, tokenizer_2=tokenizer_2)  # fmt: skip
+        overrides = {k: v for k, v in given.items() if v is not None}
+        root = resolve_root(model_source(path_or_id, KONTEXT_MODELS), COMPONENTS, overrides,
+                            what="FLUX.1-Kontext-dev")  # fmt: skip
+        paths = {name: overrides.get(name, root) for name in COMPONENTS}
+        dtype = where.dtype
         pipe = cls(
-            model=load_flux(paths["transformer"], dtype=dtype, device=device),
-            ae=OnDemandAE(load_flux_ae(paths["vae"], dtype=dtype, device=ae_home), ae_home),
-            t5=load_t5(paths["text_encoder_2"], dtype=dtype, device=text_home),
-            clip=load_clip(paths["text_encoder"], dtype=dtype, device=text_home),
+            model=load_flux(paths["transformer"], dtype=dtype, device=where.device),
+            ae=OnDemand(load_flux_ae(paths["vae"], dtype=dtype, device=where.vae_home), where.vae_home),
+            t5=load_t5(paths["text_encoder_2"], dtype=dtype, device=where.text_home),
+            clip=load_clip(paths["text_encoder"], dtype=dtype, device=where.text_home),
             t5_tokenizer=load_t5_tokenizer(paths["tokenizer_2"], max_length=max_sequence_length),
             clip_tokenizer=load_clip_tokenizer(paths["tokenizer"]),
-            device=device,
-            schedule=_schedule(root),
-            offload_text_encoders=offload_text_encoders,
+            device=where.device,
+            schedule=read_schedule(Path(root) / "scheduler" / "scheduler_config.json", FLUX_SCHEDULE),
+            offload_text_encoders=where.offload_text_encoders,
+            reference_method=reference_method,
         )
-        for module in (pipe.model, pipe.ae.ae, pipe.t5, pipe.clip):
+        for module in (pipe.model, pipe.ae.module, pipe.t5, pipe.clip):
             module.requires_grad_(False)  # inference only: no autograd graph even outside no_grad
         return pipe
 
@@ -252,173 +199,95 @@ class KontextPipeline:
     @property
     def multiple(self) -> int:
         """Image sides are multiples of this many pixels: 4 tokens of 2x2 latent pixels (64 px at 8x)."""
-        return TOKENS_PER_CELL * 2 * self.ae.config.factor
+        return grid_multiple(2, self.ae.config.factor)
 
-    def reference(
-        self,
-        image: Image.Image | str | os.PathLike | Tensor,
-        *,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> Tensor:
-        """The input at its working size (:func:`edit_size`) as (1, 3, H, W) float32 in [-1, 1] on the CPU.
+    def working_size(self, image, *, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The (width, height) an opened input image is encoded at (:func:`edit_size`)."""
+        return edit_size(image_size(image), height=height, width=width, multiple=self.multiple)
 
-        ``image``: a PIL image, a path, or a tensor (1, 3, H, W) / (3, H, W) in [-1, 1]. Resizing is LANCZOS on
-        the 8-bit image (a tensor that needs resizing is quantised to 8 bits first; one at the working size is
-        used as is).
+    def working_sizes(self, images: list, *, height: int | None = None, width: int | None = None) -> list:
+        """The (width, height) of each opened image of one edit: the first at :func:`edit_size`; without
+        ``height``/``width`` the others likewise (each at its preferred resolution, as ComfyUI's
+        ``FluxKontextImageScale`` node), with them the others at the first one's area and their own aspect
+        ratio, sides rounded as :func:`edit_size` does."""
+        first = self.working_size(images[0], height=height, width=width)
+        if height is None:
+            return [first] + [self.working_size(im) for im in images[1:]]
+        area, out = first[0] * first[1], [first]
+        for w, h in map(image_size, images[1:]):
+            out.append(edit_size((w, h), width=math.sqrt(area * w / h), height=math.sqrt(area * h / w),
+                                 multiple=self.multiple))  # fmt: skip
+        return out
+
+    def reference(self, image, *, height: int | None = None, width: int | None = None) -> Tensor:
+        """An input image at its working size (:func:`edit_size`) as (1, 3, H, W) float32 in [-1, 1] on the CPU.
+
+        ``image``: a PIL image, a path, a uint8 (H, W, 3) array, or a tensor (1, 3, H, W) / (3, H, W) in
+        [-1, 1]. Resizing is LANCZOS on the 8-bit image (a tensor that needs resizing is quantised to 8 bits
+        first; one at the working size is used as is).
         """
-        image = load_image(image)
-        if isinstance(image, Tensor):
-            x = image[None] if image.ndim == 3 else image
-            if x.ndim != 4 or x.shape[:2] != (1, 3) or not x.is_floating_point():
-                raise ValueError(
-                    f"an image tensor must be float (1, 3, H, W) or (3, H, W) in [-1, 1], "
-                    f"got {x.dtype} {tuple(image.shape)}"
-                )
-            lo, hi = float(x.min()), float(x.max())
-            if lo < -1.001 or hi > 1.001:
-                raise ValueError(f"an image tensor must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
-            w, h = edit_size((x.shape[-1], x.shape[-2]), height=height, width=width, multiple=self.multiple)
-            if tuple(x.shape[-2:]) == (h, w):
-                return x.detach().float().cpu()
-            image = tensor_to_pil(x[0])
-        elif not isinstance(image, Image.Image):
-            raise ValueError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
-        w, h = edit_size(image.size, height=height, width=width, multiple=self.multiple)
-        return pil_to_tensor(resize(image.convert("RGB"), w, h))
-
-    @torch.no_grad()
-    def prepare(
-        self,
-        image: Image.Image | str | os.PathLike | Tensor,
-        prompt: str | list[str],
-        *,
-        height: int | None = None,
-        width: int | None = None,
-        guidance: float = 2.5,
-    ) -> KontextEditor:
-        """Encode the reference and the prompt into the SpecEdit adapter.
-
-        The reference is resized to :func:`edit_size` (the nearest preferred Kontext resolution, or
-        ``height`` x ``width``; sides rounded to multiples of 64 px, see there), encoded to the AE's posterior
-        mean (normalised) and kept in the transformer's dtype; it also fixes the output size (in-place edit).
-        A list of b prompts edits the same image b ways.
-        """
-        return self._prepare(image, prompt, height=height, width=width, guidance=guidance)[0]
-
-    def _prepare(self, image, prompt, *, height, width, guidance) -> tuple[KontextEditor, Tensor]:
-        ref = self.reference(image, height=height, width=width)
-        dtype = next(self.model.parameters()).dtype
-        source = self.ae.encode(ref.to(self.device)).to(dtype)  # (1, z, h, w)
-        txt, y = self.encode_prompt(prompt)
-        source = source.expand(txt.shape[0], -1, -1, -1).contiguous()
-        editor = KontextEditor(self.model, self.ae, txt, y, source, guidance=guidance, schedule=self.schedule)
-        return editor, ref
+        image = open_image(image)
+        return working_tensor(image, self.working_size(image, height=height, width=width))
 
     # ------------------------------------------------------------------------------------------- editing
-    def method(self, method, *, steps: int = 28):
-        """A method object: "baseline" (the model's schedule, ``steps`` Euler steps), a name from
-        ``specedit.presets.methods("flux")`` (its own step counts), or an object with ``run``."""
-        if isinstance(method, str):
-            if method == "baseline":
-                if steps < 1:
-                    raise ValueError(f"steps must be >= 1, got {steps}")
-                return Baseline(FullResSampler(steps))
-            return presets.get(method, "flux")
-        if not callable(getattr(method, "run", None)):
-            raise ValueError(f"method must be a name or an object with run(editor, seed), got {method!r:.80}")
-        return method
+    def _options(self, guidance: float | None, true_cfg_scale: float | None) -> tuple[float, float]:
+        guidance = GUIDANCE if guidance is None else float(guidance)
+        return guidance, 1.0 if true_cfg_scale is None else float(true_cfg_scale)
 
-    @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
-        """(b, z, h, w) normalised latent -> (b, 3, H, W) float32 in [0, 1] on the CPU."""
-        return ((self.ae.decode(latent).float() + 1) / 2).clamp(0, 1).cpu()
-
-    @torch.no_grad()
-    def edit(
-        self,
-        image: Image.Image | str | os.PathLike | Tensor,
-        prompt: str | list[str],
-        *,
-        method="baseline",
-        steps: int = 28,
-        guidance: float = 2.5,
-        seed: int = 0,
-        height: int | None = None,
-        width: int | None = None,
-        progress: bool = False,
-    ) -> KontextOutput:
-        """Edit ``image`` as ``prompt`` says with ``method`` (see :meth:`method`; ``steps`` applies to
-        "baseline" only). The initial noise comes from a CPU generator seeded with ``seed``, so a seed gives
-        the same edit on every device."""
-        runner = self.method(method, steps=steps)  # fail on a bad name before any encoding
+    def _prepare(
+        self, samples: list[Sample], options, height, width, batched_cfg: bool, full_resolution: bool
+    ):
+        """Per-sample editors, edit 0's first image at its working size, seconds and one-off FLOPs (none
+        counted here). Sizes are checked before anything is encoded."""
+        guidance, scale = options
+        sizes = same_sizes([self.working_sizes(s.images, height=height, width=width) for s in samples])
         t0 = time.perf_counter()
-        editor, ref = self._prepare(image, prompt, height=height, width=width, guidance=guidance)
-        _sync(self.device)
+        prompts = kontext_prompts(self.encode_prompt, samples, scale)
+        sync(prompts[0][0])
         t1 = time.perf_counter()
-        result = runner.run(editor, seed, progress=progress)
-        _sync(self.device)
-        t2 = time.perf_counter()
-        pixels = self.decode(result.latent)
-        t3 = time.perf_counter()
-        # as diffusers' numpy_to_pil: round(255 x) of the [0, 1] image
-        arrays = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return KontextOutput(
-            images=[Image.fromarray(a) for a in arrays],
-            pixels=pixels,
-            latent=result.latent,
-            result=result,
-            editor=editor,
-            reference=tensor_to_pil(ref[0]),
-            seconds={"encode": t1 - t0, "sample": t2 - t1, "decode": t3 - t2, "total": t3 - t0},
+        dtype = next(self.model.parameters()).dtype
+        latents = encode_images(samples, sizes, lambda x: self.ae.encode(x.to(self.device)).to(dtype))
+        sync(latents[0][0])
+        seconds = {"encode_prompt": t1 - t0, "encode_image": time.perf_counter() - t1}
+        options = dict(guidance=guidance, schedule=self.schedule, cfg_scale=scale, batched_cfg=batched_cfg)
+        editors = kontext_editors(
+            self.model, self.ae, *prompts, latents, ref_method=self.reference_method, **options
         )
+        return editors, working_image(samples[0].images[0], sizes[0]), seconds, {}
+
+    def _stack(self, editors: list[KontextEditor]) -> KontextEditor:
+        return stack_editors(editors)
 
 
-# ----------------------------------------------------------------------------------------------- files
-def _resolve_root(path_or_repo: str | os.PathLike, overrides: dict) -> Path | None:
-    """The local repo folder (downloaded for a repo id), checked for every component not overridden."""
-    needed = [name for name in COMPONENTS if name not in overrides]
-    s = os.fspath(path_or_repo)
-    root = Path(s)
-    if not root.exists():
-        if not is_repo_id(s):
-            raise FileNotFoundError(f"{s!r} is neither an existing folder nor a Hugging Face repo id")
-        if not needed:
-            return None
-        patterns = ["model_index.json", "scheduler/*.json"]
-        patterns += [p for name in needed for p in _HUB_PATTERNS[name]]
-        root = download(s, patterns)  # a gated repo without a token raises PermissionError naming HF_TOKEN
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder: pass the FLUX.1-Kontext-dev repo folder")
-    missing = []
-    for name in needed:
-        folder, single = COMPONENTS[name]
-        if not (root / folder).is_dir() and not (single and any(root.glob(single))):
-            missing.append(f"{folder}/" + (f" (or {single})" if single else ""))
-    if missing:
-        raise FileNotFoundError(
-            f"{root} lacks {', '.join(missing)}: a FLUX.1-Kontext-dev folder holds transformer/, vae/, "
-            f"text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/ (or pass a component's path, "
-            f"e.g. text_encoder_2=...)"
+def kontext_prompts(encode, samples: list[Sample], scale: float):
+    """``(encode(prompts), encode(negative prompts) or None)`` for the samples; true CFG (``scale`` > 1) needs
+    every sample's negative prompt (Kontext has no default one)."""
+    if scale > 1 and any(s.negative is None for s in samples):
+        raise ValueError(
+            f"true_cfg_scale={scale} needs a negative_prompt (FLUX.1-Kontext has no default one)"
         )
-    return root
+    positive = encode([s.prompt for s in samples])
+    return positive, encode([s.negative for s in samples]) if scale > 1 else None
 
 
-def _schedule(root: Path | None) -> ShiftSchedule:
-    """The sigma schedule of ``scheduler/scheduler_config.json``; FLUX.1's when the file is absent."""
-    path = None if root is None else root / "scheduler" / "scheduler_config.json"
-    if path is None or not path.is_file():
-        return FLUX_SCHEDULE
-    try:
-        c = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not c.get("use_dynamic_shifting", False) or c.get("time_shift_type", "exponential") != "exponential":
-        raise ValueError(f"{path}: only the exponential resolution-dependent shift (FLUX's) is supported")
-    return ShiftSchedule(
-        base_seq_len=c.get("base_image_seq_len", 256),
-        max_seq_len=c.get("max_image_seq_len", 4096),
-        base_shift=c.get("base_shift", 0.5),
-        max_shift=c.get("max_shift", 1.15),
-        shift_terminal=c.get("shift_terminal"),
-    )
+def kontext_editors(
+    model, ae, positive, negative, latents: list[list[Tensor]], **options
+) -> list[KontextEditor]:
+    """One :class:`KontextEditor` per sample: ``positive`` / ``negative`` the batch's (txt, y) prompt states
+    (``negative`` None: no true CFG), ``latents[i]`` sample i's [source, *refs]; ``options`` its other fields."""
+    row = lambda t, i: None if t is None else t[i : i + 1]
+    neg_txt, neg_y = negative or (None, None)
+    return [
+        KontextEditor(
+            model,
+            ae,
+            row(positive[0], i),
+            row(positive[1], i),
+            lat[0],
+            refs=tuple(lat[1:]),
+            neg_txt=row(neg_txt, i),
+            neg_y=row(neg_y, i),
+            **options,
+        )  # fmt: skip
+        for i, lat in enumerate(latents)
+    ]

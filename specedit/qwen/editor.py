@@ -1,7 +1,7 @@
 """The Qwen-Image-Edit editor adapter: how SpecEdit talks to a Qwen-Image-Edit (or Edit-2509) model.
 
 Positions are Qwen-Image's MSRoPE ids (frame, row, col), evaluated at float ids, so coarse grids and
-fractional children need no model change (research memo, dynamic_resolution.md section 4.8):
+fractional children need no model change:
 
 - target tokens: frame 0; a layout position (row, col) in units of its frame grid (h, w) becomes the centred
   (row - (h - h//2), col - (w - w//2)). On even grids a child at u + a/2 then sits at exactly half its fine
@@ -24,32 +24,31 @@ l text tokens, c DiT text width.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from models import qwen_image, qwen_image_vae
-from models.loading import build_on_meta
-from models.packing import pack
-from samplers.field import area_resize
+from models.packing import pack, unpack
+from models.work import Costs, Forward, VaeWork
 from samplers.guidance import Prompt, guided_denoiser
 from samplers.layout import Layout, scaled_grid
 from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule
-from specedit.costs import count_on_meta
+from specedit.pipeline import check_references, packed_references
 
 Grid = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class QwenCosts:
-    """FLOPs of the events a Qwen-Image-Edit edit records, from configs alone (works for meta-only budgets).
+class QwenCosts(Costs):
+    """FLOPs of the work a Qwen-Image-Edit edit records, from configs alone (works for meta-only budgets).
 
-    "forward" events count every CFG branch with its own text length (``neg_text_tokens`` None: no CFG);
-    the padded text slots of the batched CFG forward are not counted. Image tokens are the event's target
-    tokens plus every reference at the event's ``ref_factor``. "features" / "decode" events count the VAE
-    decoder *as we run it* (the exact 2-D network; the 3-D reference also multiplies the zero-padded temporal
-    taps), with ``FlopCounterMode`` on meta; a full decode equals ``models.qwen_image_vae.flops``.
+    A forward counts every CFG branch with its own text length (``neg_text_tokens`` None: no CFG); the padded
+    text slots of the batched CFG forward are not counted. Image tokens are the forward's target tokens plus
+    every reference at its ``ref_factor``. VAE work is counted on the decoder *as we run it* (the exact 2-D
+    network; the 3-D reference also multiplies the zero-padded temporal taps); a full decode equals
+    ``models.qwen_image_vae.flops``.
     """
 
     model: qwen_image.QwenImageConfig
@@ -58,33 +57,16 @@ class QwenCosts:
     neg_text_tokens: int | None
     grid: Grid  # fine token grid of the target (= the source)
     ref_grids: tuple[Grid, ...]  # token grids of every reference in stream order (source last)
-    batch: int = 1
+
+    vae_class = qwen_image_vae.QwenImageVAE
 
     def image_tokens(self, n_target: int, ref_factor: float) -> int:
         return n_target + sum(g[0] * g[1] for g in (scaled_grid(r, ref_factor) for r in self.ref_grids))
 
-    def cost(self, event: dict) -> float:
-        kind = event["kind"]
-        if kind == "forward":
-            n = self.image_tokens(event["n_target"], event["ref_factor"])
-            lengths = [self.text_tokens] + ([] if self.neg_text_tokens is None else [self.neg_text_tokens])
-            return sum(qwen_image.flops(self.model, n, l, self.batch)["total"] for l in lengths)
-        if kind == "features":
-            return event.get("count", 1) * _vae_flops(self.vae, tuple(event["size"]), tuple(event["taps"]))
-        if kind == "decode":
-            return event.get("count", 1) * _vae_flops(self.vae, tuple(event["size"]), None)
-        raise ValueError(f"unknown cost event kind {kind!r}")
-
-
-@lru_cache(maxsize=64)
-def _vae_flops(cfg: qwen_image_vae.QwenImageVAEConfig, size: Grid, taps: tuple[str, ...] | None) -> float:
-    """Decoder FLOPs for one latent of ``size``: the feature taps only, or a full decode (taps None)."""
-    vae = build_on_meta(lambda: qwen_image_vae.QwenImageVAE(cfg))
-    with torch.device("meta"):
-        z = torch.empty(1, cfg.z_dim, *size)
-    if taps is None:
-        return float(count_on_meta(lambda: vae.decode(z)))
-    return float(count_on_meta(lambda: vae.decoder_features(z, taps)))
+    def forward(self, work: Forward) -> float:
+        n = self.image_tokens(work.n_target, work.ref_factor)
+        lengths = [self.text_tokens] + ([] if self.neg_text_tokens is None else [self.neg_text_tokens])
+        return sum(qwen_image.flops(self.model, n, l, work.batch)["total"] for l in lengths)
 
 
 def centred(pos: Tensor, n: int) -> Tensor:
@@ -127,15 +109,7 @@ class QwenEditor:
         if H % 4 or W % 4:
             raise ValueError(f"source latent {H}x{W} must be a multiple of 4 (even token grid)")
         self.refs = tuple(self.refs)
-        for i, r in enumerate(self.refs):
-            if (
-                r.ndim != 4
-                or r.shape[1] != z
-                or r.shape[0] not in (1, b)
-                or r.shape[-1] % 2
-                or r.shape[-2] % 2
-            ):
-                raise ValueError(f"refs[{i}] must be (1 or {b}, {z}, even, even), got {tuple(r.shape)}")
+        check_references(self.refs, self.source)
         for name, t, m in (("txt", self.txt, self.txt_mask), ("neg_txt", self.neg_txt, self.neg_mask)):
             if t is None:
                 if m is not None:
@@ -154,20 +128,13 @@ class QwenEditor:
             None if self.neg_txt is None else self.neg_txt.shape[1],
             self.grid,
             self.ref_grids,
-            b,
         )
 
     def reference(self, factor: float) -> tuple[Tensor, tuple[Grid, ...]]:
         """Packed tokens of every reference ``factor`` times coarser per side (area-downsampled), in stream
         order, and their grids."""
         if factor not in self._refs:
-            b = self.source.shape[0]
-            grids = tuple(scaled_grid(g, factor) for g in self.ref_grids)
-            tokens = [
-                pack(area_resize(r, (2 * g[0], 2 * g[1]))).expand(b, -1, -1)
-                for r, g in zip((*self.refs, self.source), grids)
-            ]
-            self._refs[factor] = (torch.cat(tokens, 1), grids)
+            self._refs[factor] = packed_references((*self.refs, self.source), factor, self.source.shape[0])
         return self._refs[factor]
 
     def ids(self, layout: Layout, txt_len: int | None = None) -> tuple[Tensor, Tensor]:
@@ -208,8 +175,16 @@ class QwenEditor:
         """(b, z, H, W) normalised latent -> (b, 3, 8H, 8W) image in [-1, 1]."""
         return self.vae.decode(latent.to(_dtype(self.vae)))
 
-    def cost(self, event: dict) -> float:
-        return self.costs.cost(event)
+    patch = 2  # Qwen-Image packs 2 x 2 latent pixels per token
+
+    def pack(self, latent: Tensor) -> Tensor:
+        return pack(latent)
+
+    def unpack(self, tokens: Tensor, grid: Grid) -> Tensor:
+        return unpack(tokens, grid)
+
+    def cost(self, work: Forward | VaeWork) -> float:
+        return self.costs.cost(work)
 
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=N -m specedit.cli eval --num-examples N ...   # examples sharded over the ranks
 
 ``add_commands(sub)`` registers both on the ``specedit`` parser; the handlers print tables (progress goes to
-stderr) and return None.
+stderr) and return None. An ``--out`` that is a file fails before anything is loaded or run; ``eval`` resumes
+a killed run when rerun into the same ``--out`` (finished records are kept and not run again).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from specedit.toy import atomic
 from specedit.toy import evaluate as ev
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -45,6 +47,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(a: argparse.Namespace) -> None:
+    atomic.check_folder(a.out)
+    ev.demo_cases(a.n)  # checks --n
     names = ev.parse_methods(a.methods)
     toy = _setup(a, ev.Dist().device(a.device))
     report = ev.demo(toy, a.out, methods=names[1:], n=a.n, log=_logger(a))
@@ -65,7 +69,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="toy editor: baseline-50 vs SpecEdit on a few held-out edits (panels, table)"
     )
-    p.add_argument("--out", default="out/demo", help="folder for the panels and report.json")
+    p.add_argument("--out", default="out/demo", help="folder for the panels and report.json (other files in it "
+                   "are left alone)")  # fmt: skip
     p.add_argument("--methods", default=",".join(ev.DEMO_METHODS), help="comma-separated methods besides "
                    "baseline-50 (see specedit.presets.methods)")  # fmt: skip
     p.add_argument("--n", type=int, default=4, help=f"examples (1..{len(ev.DEMO_SEEDS)})")
@@ -76,13 +81,15 @@ def _add_demo(sub) -> None:
 def _eval(a: argparse.Namespace) -> None:
     if a.suite != "toy":
         raise ValueError(f"unknown suite {a.suite!r}; available: toy")
+    atomic.check_folder(a.out)
+    ev.eval_cases(a.n, a.seed_offset, indices=[])  # checks --n and --seed-offset
     dist = ev.Dist.from_env()
     names = ev.parse_methods(a.methods, reference=a.reference)
     device = dist.device(a.device)
     toy = _setup(a, device)
     prefix = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
     records = ev.evaluate_suite(toy, names, n=a.n, offset=a.seed_offset, reference=a.reference, dist=dist,
-                                log=_logger(a, prefix))  # fmt: skip
+                                log=_logger(a, prefix), out=a.out)  # fmt: skip
     if records is None:  # not rank 0: rank 0 writes and prints
         return
     out = ev.write_suite(records, a.out, reference=a.reference, plot=not a.no_plot)
@@ -108,9 +115,8 @@ def _add_eval(sub) -> None:
                    "abbreviation of its own options)")  # fmt: skip
     p.add_argument("--methods", default=",".join(ev.EVAL_METHODS), help="comma-separated methods (default: all "
                    "of the suite)")  # fmt: skip
-    p.add_argument(
-        "--out", default="out/eval-toy", help="folder for metrics.jsonl, examples.jsonl and the plot"
-    )
+    p.add_argument("--out", default="out/eval-toy", help="folder for metrics.jsonl, examples.jsonl and the plot; "
+                   "a rerun into the same folder resumes (finished records are kept)")  # fmt: skip
     p.add_argument("--seed-offset", type=int, default=0, help="examples use seeds 6_000_000 + offset + i")
     p.add_argument("--reference", default=ev.BASELINE, help="fidelity reference and speedup base")
     p.add_argument("--no-plot", action="store_true", help="skip the speed-versus-quality plot")

@@ -15,14 +15,21 @@ Under ``torchrun`` (RANK / WORLD_SIZE set) ``evaluate_suite`` shards the example
 on rank i mod world), and rank 0 gathers and merges the records (``torch.distributed``, gloo on the CPU,
 nccl on GPUs).
 
+Long evaluations resume: with ``out``, ``evaluate_suite`` appends each example's records to
+``out/examples.jsonl`` as soon as it finishes (rank 0 writes; each line flushed and fsynced) and skips the
+(method, seed) pairs already there, so a killed run continues when rerun into the same folder. Every other
+file (metrics.jsonl, the plot, the demo's panels and report.json) is written atomically.
+
 Shape legend: b batch (1 here), H W pixels (128), hc wc coarse cells (8 x 8 = 16 px each).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from specedit.presets import methods
-from specedit.toy import metrics
+from specedit.toy import atomic, metrics
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, Example, make_example
 from specedit.toy.model import WEIGHTS, ToyEditor, images_to_tensor
 from specedit.viz import mask_overlay
@@ -218,6 +225,22 @@ def score(case: Case, outcome: Outcome, reference: Tensor, editor, *, method: st
     return rec
 
 
+def evaluate_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, reference: str = BASELINE,
+                  warmup: bool = False, log: Log = None, skip: Iterable[tuple[str, int]] = ()
+                  ) -> tuple[list[dict], dict[str, Outcome]]:  # fmt: skip
+    """Records of ``case`` for the methods of ``named`` ({name: method}, ``reference`` among them) whose
+    (method, seed) is not in ``skip``, and the outcomes. The reference runs whenever another method does: the
+    others are scored against its output."""
+    skip = set(skip)
+    todo = [m for m in named if (m, case.seed) not in skip]
+    if not todo:
+        return [], {}
+    outcomes, ed = run_case(toy, case, {reference: named[reference], **{m: named[m] for m in todo}},
+                            warmup=warmup, log=log)  # fmt: skip
+    ref = outcomes[reference].image
+    return [score(case, outcomes[m], ref, ed, method=m) for m in todo], outcomes
+
+
 def evaluate(toy: ToyEditor, cases: Sequence[Case], methods, *, reference: str = BASELINE, log: Log = None,
              keep: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
     """Records of every (method, case) for ``methods`` (names or {name: method}, see :func:`resolve`; the
@@ -225,9 +248,8 @@ def evaluate(toy: ToyEditor, cases: Sequence[Case], methods, *, reference: str =
     named = resolve(methods, reference=reference)
     records, kept = [], {}
     for j, case in enumerate(cases):
-        outcomes, ed = run_case(toy, case, named, warmup=j == 0, log=log)
-        ref = outcomes[reference].image
-        records += [score(case, o, ref, ed, method=name) for name, o in outcomes.items()]
+        recs, outcomes = evaluate_case(toy, case, named, reference=reference, warmup=j == 0, log=log)
+        records += recs
         if keep:
             kept[case.index] = outcomes
     return records, kept
@@ -286,10 +308,10 @@ def clean(obj):
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
+    """``rows`` (made JSON-safe by :func:`clean`) as JSON lines, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(clean(r)) + "\n" for r in rows))
-    return path
+    return atomic.write_jsonl(path, (clean(r) for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -393,12 +415,14 @@ def demo(
     toy: ToyEditor, out: str | os.PathLike, *, methods=DEMO_METHODS, n: int = 4, log: Log = None
 ) -> dict:
     """Edit the demo examples with the baseline and ``methods`` (names or {name: method}); write one panel per
-    example and report.json. Returns the report (aggregated rows under "methods", per-example records under
-    "records", the panels' paths under "examples")."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    example and report.json (atomically), and delete the panels of an earlier demo in ``out`` that this one did
+    not write; no other file in ``out`` is touched. Returns the report (aggregated rows under "methods",
+    per-example records under "records", the panels' paths under "examples")."""
+    out = atomic.check_folder(out)
     cases = demo_cases(n)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.clean_stale(out, _demo_owns)
+    t0 = time.perf_counter()
     records, kept = evaluate(toy, cases, methods, log=log, keep=True)
     rows = aggregate(records)
     examples = []
@@ -408,15 +432,31 @@ def demo(
             m: f"{r['psnr_ref']:.1f} dB, {r['tflops'] * 1e3:.1f} GF" for m, r in recs.items() if m != BASELINE
         }
         path = out / f"panel_{case.index}_{case.example.kind}.png"
-        panel(case, kept[case.index], notes=notes).save(path)
+        atomic.save_image(panel(case, kept[case.index], notes=notes), path)
         examples.append({"index": case.index, "seed": case.seed, "kind": case.example.kind, "scope": case.scope,
                          "instruction": case.example.instruction, "panel": str(path)})  # fmt: skip
     report = {
         "methods": rows, "examples": examples, "records": records, "reference": BASELINE,
         "device": str(toy.device), "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-    (out / "report.json").write_text(json.dumps(clean(report), indent=1))
+    atomic.write_json(out / "report.json", clean(report))
+    _remove_stale_panels(out, {Path(e["panel"]).name for e in examples})
     return report
+
+
+PANEL = re.compile(rf"panel_\d+_({'|'.join(LOCAL_EDITS + GLOBAL_EDITS)})\.png")
+
+
+def _demo_owns(name: str) -> bool:
+    """Whether a file name is one the demo writes (its panels and report.json); it touches no other file."""
+    return name == "report.json" or PANEL.fullmatch(name) is not None
+
+
+def _remove_stale_panels(out: Path, keep: set[str]) -> None:
+    """Delete the panels of an earlier demo in ``out`` that this one did not write (e.g. after ``--n 1``)."""
+    for f in out.iterdir():
+        if PANEL.fullmatch(f.name) and f.name not in keep and f.is_file():
+            f.unlink()
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -451,57 +491,206 @@ class Dist:
         return list(range(self.rank, n, self.world))
 
 
-def _gather(records: list[dict], dist: Dist, device: torch.device) -> list[dict] | None:
-    """All ranks' records on rank 0 (None elsewhere); a single process returns its own."""
-    if dist.world == 1:
-        return records
-    import torch.distributed as td
+class _Ranks:
+    """Collectives over the ranks of ``dist`` (trivial for one process). Initialises ``torch.distributed``
+    (gloo on the CPU, nccl on GPUs) for the duration of the ``with`` block when it is not yet."""
 
-    owned = not td.is_initialized()
-    if owned:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    parts: list = [None] * dist.world
-    td.all_gather_object(parts, records)
-    if owned:
-        td.destroy_process_group()
-    return [r for part in parts for r in part] if dist.rank == 0 else None
+    def __init__(self, dist: Dist, device: torch.device):
+        self.dist, self.device, self.owned = dist, device, False
+
+    def __enter__(self) -> _Ranks:
+        if self.dist.world > 1:
+            import torch.distributed as td
+
+            if not td.is_initialized():
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)
+                td.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self.owned = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.dist.world == 1:
+            return [obj]
+        import torch.distributed as td
+
+        parts: list = [None] * self.dist.world
+        td.all_gather_object(parts, obj)
+        return parts
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.dist.world == 1:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def fingerprint(toy: ToyEditor) -> str:
+    """A digest (16 hex digits) of the editor's weights, their dtypes and its latent statistics and device type:
+    records of an eval folder are only resumed by the editor that wrote them."""
+    h = hashlib.sha256(f"{toy.ae.config!r} {toy.device.type}".encode())
+    for module in (toy.dit, toy.ae, toy.text):
+        for name, tensor in module.state_dict().items():
+            h.update(f"{name} {tensor.dtype}".encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+RECORDS, SETUP = "examples.jsonl", "suite.json"
+SUITE_FILES = (RECORDS, SETUP, "metrics.jsonl", "speed_quality.png")
+
+
+class SuiteRecords:
+    """The records of one eval suite in a folder: ``examples.jsonl`` grows by a JSON line per record as each
+    example finishes (flushed and fsynced, so a kill loses at most the example in progress), and ``suite.json``
+    holds the setup that wrote them (editor fingerprint, device type, reference, seed offset).
+
+    Records are identified by (method, seed). Opening a folder whose setup differs, or whose records are not
+    all part of ``suite`` ({(method, seed): index}), is a one-line error: a rerun only ever adds records."""
+
+    def __init__(self, out: str | os.PathLike, setup: dict, suite: Mapping[tuple[str, int], int]):
+        out = atomic.check_folder(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.clean_stale(out, SUITE_FILES.__contains__)
+        self.path = out / RECORDS
+        _check_setup(out, setup, self.path)
+        rows = atomic.read_lines(self.path)
+        outside = [r for r in rows if suite.get((r.get("method"), r.get("seed"))) != r.get("index")]
+        if outside:
+            r = outside[0]
+            raise ValueError(f"{self.path} holds {len(outside)} records outside this suite (e.g. {r.get('method')} "
+                             f"on seed {r.get('seed')}): rerun with the --n, --methods and --seed-offset that wrote "
+                             "them (or more), or use a new --out")  # fmt: skip
+        self.records = {(r["method"], r["seed"]): r for r in rows}
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Add ``records`` (made JSON-safe) to the file, each on disk before this returns."""
+        with self.path.open("a") as f:
+            for r in records:
+                r = clean(r)
+                atomic.append_line(f, r)
+                self.records[(r["method"], r["seed"])] = r
+
+
+def _check_setup(out: Path, setup: dict, records: Path) -> None:
+    """Write ``setup`` to ``out/suite.json``, or check that the one there matches it (one-line error)."""
+    path = out / SETUP
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in setup.items() if saved.get(k) != v]
+        if diff:
+            raise ValueError(
+                f"{out} holds records of another setup (differing: {'; '.join(diff)}): use a new --out"
+            )
+    elif records.is_file() and records.stat().st_size:
+        raise ValueError(f"{records} has no {SETUP} beside it (written by an older specedit): its records cannot be "
+                         "matched to this editor; use a new --out")  # fmt: skip
+    else:
+        atomic.write_json(path, setup)
+
+
+def _open_records(ranks: _Ranks, out, toy: ToyEditor, names: Sequence[str], *, n: int, offset: int,
+                  reference: str) -> tuple[SuiteRecords | None, set]:  # fmt: skip
+    """Rank 0's record store in ``out`` (None without ``out`` and on the other ranks) and the finished
+    (method, seed) pairs, the same on every rank; a folder that does not fit is an error on every rank."""
+    if out is None:
+        return None, set()
+    store, error = None, None
+    if ranks.dist.rank == 0:
+        setup = {
+            "editor": fingerprint(toy),
+            "device": toy.device.type,
+            "reference": reference,
+            "offset": offset,
+        }
+        suite = {(m, EVAL_FIRST_SEED + offset + i): i for m in names for i in range(n)}
+        try:
+            store = SuiteRecords(out, setup, suite)
+        except ValueError as e:
+            error = str(e)
+    error, done = ranks.broadcast((error, set(store.records) if store else set()))
+    if error:
+        raise ValueError(error)
+    return store, done
 
 
 def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int = 0, reference: str = BASELINE,
-                   dist: Dist | None = None, log: Log = None) -> list[dict] | None:  # fmt: skip
+                   dist: Dist | None = None, log: Log = None, out: str | os.PathLike | None = None
+                   ) -> list[dict] | None:  # fmt: skip
     """Records of the eval suite for ``methods`` (names or {name: method}), sharded over the ranks of ``dist``
     (default: from the environment); the merged records (ordered by method, then example) on rank 0, None on
-    the other ranks."""
+    the other ranks.
+
+    With ``out``, each example's records are appended to ``out/examples.jsonl`` when it finishes (by rank 0,
+    after gathering the ranks' examples of that round) and (method, seed) pairs already there are not run
+    again; the records returned are then all of the suite's, earlier ones included (see :class:`SuiteRecords`).
+    """
     dist = dist or Dist.from_env()
-    names = list(resolve(methods, reference=reference))
-    records, _ = evaluate(
-        toy, eval_cases(n, offset, indices=dist.shard(n)), methods, reference=reference, log=log
-    )
-    merged = _gather(records, dist, toy.device)
-    if merged is None:
+    named = resolve(methods, reference=reference)
+    if out is not None:
+        out = atomic.check_folder(out)
+    cases = eval_cases(n, offset, indices=dist.shard(n))
+    with _Ranks(dist, toy.device) as ranks:
+        store, done = _open_records(ranks, out, toy, list(named), n=n, offset=offset, reference=reference)
+        if done and log:
+            log(f"{len(done)} records already in {store.path if store else out}: not run again")
+        todo = [c for c in cases if any((m, c.seed) not in done for m in named)]
+        new = []
+        for j in range(max(ranks.gather(len(todo)))):  # rounds: one example per rank
+            recs = []
+            if j < len(todo):
+                recs, _ = evaluate_case(
+                    toy, todo[j], named, reference=reference, warmup=j == 0, log=log, skip=done
+                )
+            for part in ranks.gather(recs):
+                if store is not None:
+                    store.append(part)
+                new += part
+    if dist.rank != 0:
         return None
-    order = {m: i for i, m in enumerate(names)}
-    return sorted(merged, key=lambda r: (order[r["method"]], r["index"]))
+    records = list(store.records.values()) if store is not None else new
+    order = {m: i for i, m in enumerate(named)}
+    return sorted(records, key=lambda r: (order[r["method"]], r["index"]))
 
 
 def write_suite(records: Sequence[dict], out: str | os.PathLike, *, reference: str = BASELINE,
                 plot: bool = True) -> dict:  # fmt: skip
     """metrics.jsonl (one aggregated row per method), examples.jsonl (one per method and example) and the
-    speed-versus-quality plot (when matplotlib is importable); returns the rows and the paths written."""
-    out = Path(out)
+    speed-versus-quality plot (when matplotlib is importable), each written atomically; returns the rows and the
+    paths written. An examples.jsonl already in ``out`` may only hold records that ``records`` has too (as after
+    :func:`evaluate_suite` with this ``out``): a one-line error otherwise, so many records are never replaced by
+    a few."""
+    out = atomic.check_folder(out)
+    keep = {(r["method"], r.get("seed")) for r in records}
+    lost = [r for r in atomic.read_lines(out / RECORDS) if (r.get("method"), r.get("seed")) not in keep]
+    if lost:
+        raise ValueError(f"{out / RECORDS} holds {len(lost)} records that are not among the {len(records)} to "
+                         f"write (e.g. {lost[0].get('method')} on seed {lost[0].get('seed')}): write to a new "
+                         "folder")  # fmt: skip
     rows = aggregate(records, reference=reference)
     paths = {"metrics": str(write_jsonl(rows, out / "metrics.jsonl")),
-             "examples": str(write_jsonl(records, out / "examples.jsonl"))}  # fmt: skip
+             "examples": str(write_jsonl(records, out / RECORDS))}  # fmt: skip
     note = None
     if plot:
         from specedit import viz_plots
 
         if viz_plots.available():
-            paths["plot"] = str(
-                viz_plots.save_speed_quality(rows, out / "speed_quality.png", reference=reference)
-            )
+            import matplotlib.pyplot as plt
+
+            ax = viz_plots.speed_quality(rows, reference=reference)
+            paths["plot"] = str(atomic.save_figure(ax.figure, out / "speed_quality.png", dpi=130))
+            plt.close(ax.figure)
         else:
             note = "matplotlib is not installed: no plot (pip install 'specedit[notebooks]')"
     return {"rows": rows, "paths": paths, "note": note}

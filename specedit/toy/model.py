@@ -8,13 +8,15 @@
 - transformer: ``models.flux`` at d = 192 with 3 double + 6 single blocks, Kontext conditioning (reference
   tokens at id axis 0 = 1), no guidance embedding.
 
-``ToyEditor.load()`` reads the weights shipped in ``specedit/toy/weights`` (safetensors + config.json).
+``ToyEditor.load()`` reads the weights shipped in ``specedit/toy/weights`` (safetensors, config.json and
+manifest.json, the files' sha256); ``ToyEditor.save()`` writes such a folder as one set.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from models.flux import Flux, FluxConfig
 from models.flux_ae import AutoEncoder, FluxAEConfig
 from models.loading import build_on_meta, load_checkpoint, open_checkpoint
 from models.tokenization import FastTokenizer
-from specedit.kontext import KontextEditor
+from specedit.kontext.editor import KontextEditor
+from specedit.toy import atomic
 from specedit.toy.data import vocabulary
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -121,12 +124,14 @@ class ToyEditor:
 
     @classmethod
     def load(cls, path: str | os.PathLike = WEIGHTS, *, dtype=torch.float32, device="cpu") -> ToyEditor:
-        """Load the weights written by :meth:`save` (default: the ones shipped with the package)."""
+        """Load the weights written by :meth:`save` (default: the ones shipped with the package). A folder with a
+        manifest.json is checked against it first (:func:`verify_manifest`); one without (older runs) is not."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"no toy editor in {path} (config.json missing); train one: specedit train-toy"
             )
+        verify_manifest(path)
         cfg = json.loads((path / "config.json").read_text())
         ae_cfg = FluxAEConfig(**{**cfg["ae"], "ch_mult": tuple(cfg["ae"]["ch_mult"])})
         dit_cfg = FluxConfig(**{**cfg["dit"], "axes_dim": tuple(cfg["dit"]["axes_dim"])})
@@ -145,20 +150,43 @@ class ToyEditor:
             )
         return cls(*nets, toy_tokenizer(text_cfg.max_positions))
 
-    def save(self, path: str | os.PathLike, *, dtype=torch.float16, extra: dict | None = None) -> None:
-        """Write safetensors weights (``dtype``) and config.json to ``path``."""
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype=torch.float16,
+        extra: dict | None = None,
+        manifest: dict | None = None,
+    ) -> Path:
+        """Write the editor as one set: the three networks (safetensors, ``dtype``), config.json (with ``extra``)
+        and manifest.json (``manifest``'s fields, e.g. the training step, and the sha256 of the four files) go
+        to a temporary sibling folder that then replaces ``path`` (:func:`specedit.toy.atomic.replace_folder`).
+
+        An existing toy editor folder at ``path`` is replaced and its other files (e.g. a model card) are
+        carried over; a file or a non-empty folder without config.json at ``path`` is refused."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for name, module in (("transformer", self.dit), ("ae", self.ae), ("text_encoder", self.text)):
-            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
-            save_file(state, path / f"{name}.safetensors")
-        cfg = {
-            "dit": asdict(self.dit.config),
-            "ae": asdict(self.ae.config),
-            "text": asdict(self.text.config),
-            **(extra or {}),
-        }
-        (path / "config.json").write_text(json.dumps(cfg, indent=1))
+        _check_replaceable(path)
+        atomic.clean_stale(path.parent, lambda name: name == path.name)  # what a killed save left
+        tmp = atomic.temp_sibling(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for name, module in (("transformer", self.dit), ("ae", self.ae), ("text_encoder", self.text)):
+                state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+                save_file(state, tmp / f"{name}.safetensors")
+            cfg = {
+                "dit": asdict(self.dit.config),
+                "ae": asdict(self.ae.config),
+                "text": asdict(self.text.config),
+                **(extra or {}),
+            }
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+            write_manifest(tmp, **(manifest or {}))
+            _carry_over(path, tmp)
+            return atomic.replace_folder(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def with_latent_stats(self, shift: float, scale: float) -> ToyEditor:
         """The same networks with the AE's latent normalisation set to (z - shift) * scale."""
@@ -183,13 +211,72 @@ class ToyEditor:
             raise ValueError(f"{source.shape[0]} images but {txt.shape[0]} prompts")
         return KontextEditor(self.dit, self.ae, txt, y, source, guidance=0.0)
 
-    @torch.no_grad()
-    def edit(self, images, prompts: str | list[str], method, *, seed: int = 0):
-        """Edit with any method of ``specedit.presets.methods()``; returns ((b, 3, H, W) in [-1, 1], EditResult)."""
-        ed = self.editor(images, prompts)
-        result = method.run(ed, seed)
-        return ed.decode(result.latent).clamp(-1, 1), result
+    def edit(self, images, prompts: str | list[str], **options):
+        """Edit ``images`` as ``prompts`` say: ``specedit.pipeline.EditPipeline.edit`` with the same keywords
+        (``method="baseline"`` of 50 steps or a name of ``specedit.presets.methods("toy")``, ``seed``,
+        ``output``, ...), returning a ``specedit.pipeline.EditOutput`` (see ``specedit.toy.pipeline``)."""
+        from specedit.toy.pipeline import ToyPipeline  # late: the toy pipeline builds on specedit.kontext
+
+        return ToyPipeline(self).edit(images, prompts, **options)
 
 
 def save_weights(state: dict[str, Tensor], path: str | os.PathLike) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+    """A safetensors file of ``state``, written atomically (temporary file, then rename)."""
+    atomic.save_tensors(state, path)
+
+
+# ----------------------------------------------------------------------------------------------- weight folders
+EDITOR_FILES = ("transformer.safetensors", "ae.safetensors", "text_encoder.safetensors", "config.json")
+MANIFEST = "manifest.json"
+
+
+def write_manifest(path: str | os.PathLike, **fields) -> Path:
+    """``path/manifest.json``: ``fields`` (e.g. ``step``) and ``files``, the sha256 of each of the editor's
+    files (EDITOR_FILES) in ``path``; other files (a model card) are not covered and may change."""
+    path = Path(path)
+    missing = [n for n in EDITOR_FILES if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path / missing[0]} is missing: no manifest for an incomplete toy editor")
+    files = {n: atomic.sha256(path / n) for n in EDITOR_FILES}
+    return atomic.write_json(path / MANIFEST, {**fields, "files": files})
+
+
+def verify_manifest(path: str | os.PathLike) -> dict | None:
+    """``path``'s manifest (None when there is none) after checking every file it lists: a missing file or a
+    sha256 that differs (a damaged or partly copied folder) is a one-line error naming the file."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = dict(manifest["files"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{path / MANIFEST} is not a toy editor manifest (no files with their sha256)"
+        ) from None
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing (listed in {MANIFEST})")
+        if atomic.sha256(path / name) != digest:
+            raise ValueError(f"{path / name} does not match its sha256 in {MANIFEST} (damaged or changed)")
+    return manifest
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace anything but a toy editor folder or an empty one."""
+    atomic.check_folder(path, "toy editor folder")
+    if path.is_dir() and not (path / "config.json").is_file() and any(path.iterdir()):
+        raise ValueError(f"{path} is not empty and holds no toy editor (no config.json): not replacing it")
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy the files of the editor folder ``old`` that are not the editor's own (e.g. a model card) into ``new``."""
+    if not old.is_dir():
+        return
+    for item in old.iterdir():
+        if item.name in (*EDITOR_FILES, MANIFEST) or (new / item.name).exists():
+            continue
+        if item.is_dir():
+            shutil.copytree(item, new / item.name, symlinks=True)
+        else:
+            shutil.copy2(item, new / item.name, follow_symlinks=False)

@@ -16,29 +16,41 @@ Recipe (rectified flow, as the Kontext family is trained):
    - an EMA of the weights, which is what gets saved.
    Checkpoints (model, EMA, optimizer, step) go to the run folder; a run resumes from the last one.
 
-Everything is deterministic given the seeds: batches are drawn from ``seed + step``.
+Every stage stops at a :class:`Deadline` (a time budget shared by all stages, or a caught SIGINT / SIGTERM) at
+its next step boundary and leaves state the next call continues from: the training stages checkpoint, the
+example bank and the encoding keep what they made in ``*.part.safetensors``. Every file is written atomically
+(``specedit.toy.atomic``), so a kill at any moment (SIGKILL included) loses at most the work since the last
+checkpoint.
+
+Everything is deterministic given the seeds: each step draws its batch and noise from generators seeded by the
+step (no global random state), so a resumed run computes bit for bit what an uninterrupted one does (on the
+same device and thread count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from models.packing import grid_ids, pack
 from samplers.field import dc
 from samplers.layout import Layout, mixed_indices
 from samplers.schedules import FLUX_SCHEDULE, time_shift
+from specedit.toy import atomic
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, make_example
-from specedit.toy.model import IMAGE_SIZE, ToyEditor, images_to_tensor, toy_tokenizer
+from specedit.toy.model import IMAGE_SIZE, TEXT_TOKENS, ToyEditor, images_to_tensor, toy_tokenizer
 
 KINDS = LOCAL_EDITS + GLOBAL_EDITS
 
@@ -69,6 +81,93 @@ class ToyTrainConfig:
     res_probs: tuple[float, ...] = (0.6, 0.25, 0.15, 0.0)
     ckpt_every: int = 250
 
+    def __post_init__(self) -> None:
+        """One-line errors for settings no run can use (e.g. a negative step count), before any work."""
+        for name, low in COUNTS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"{_name(name)} must be an integer >= {low}{COUNT_NOTES.get(name, '')}, got {value!r}"
+                )
+        if self.ae_crop % 4:
+            raise ValueError(
+                f"{_name('ae_crop')} must be a multiple of 4 (the AE's downsampling), got {self.ae_crop}"
+            )
+        for name in ("lr", "ae_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_name(name)} must be > 0, got {getattr(self, name)!r}")
+        for name in ("kl_weight", "weight_decay", "edit_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_name(name)} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"{_name('ema')} must be in [0, 1), got {self.ema!r}")
+        probs = tuple(self.res_probs)
+        if not 1 <= len(probs) <= 4 or any(not p >= 0 for p in probs) or not sum(probs) > 0:
+            raise ValueError(
+                f"{_name('res_probs')} must be 1 to 4 probabilities (full, 2x, 4x, mixed) >= 0 with a positive "
+                f"sum, got {probs}"
+            )
+
+
+# the smallest value of each count; COUNT_NOTES explain the exceptions, FLAGS the command-line names that differ
+COUNTS = {"ae_steps": 1, "ae_batch": 1, "ae_crop": 4, "n_train": 1, "steps": 0, "batch": 1, "warmup": 1,
+          "ckpt_every": 1}  # fmt: skip
+COUNT_NOTES = {"steps": " (0: fit the schedule to the time budget)"}
+FLAGS = {"ckpt_every": "checkpoint-every"}
+
+
+def _name(field: str) -> str:
+    """A setting as the command line spells it: ``steps`` -> ``--steps``."""
+    return f"--{FLAGS.get(field, field.replace('_', '-'))}"
+
+
+# ----------------------------------------------------------------------------------------------- stopping
+class Deadline:
+    """When long work must stop: a wall-clock budget (``minutes``; None: none) shared by every stage, or a
+    SIGINT / SIGTERM caught by :meth:`catching_signals`. Loops check :meth:`reached` at step boundaries."""
+
+    def __init__(self, minutes: float | None = None, *, clock: Callable[[], float] = time.monotonic):
+        if minutes is not None and not minutes > 0:
+            raise ValueError(f"--minutes must be > 0, got {minutes!r}")
+        self.clock = clock
+        self.end = None if minutes is None else clock() + 60 * minutes
+        self.caught: str | None = None  # the name of the caught signal
+
+    def reached(self) -> bool:
+        return self.caught is not None or (self.end is not None and self.clock() >= self.end)
+
+    def seconds_left(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - self.clock())
+
+    @property
+    def reason(self) -> str:
+        return self.caught or "time budget"
+
+    @contextlib.contextmanager
+    def catching_signals(self) -> Iterator[Deadline]:
+        """Within: SIGINT and SIGTERM end the deadline (the stages stop cleanly at their next step boundary);
+        a second signal gets the previous handler (Ctrl-C twice interrupts at once). Outside the main thread
+        no handler can be installed and signals keep their handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {}
+
+        def handle(signum, frame) -> None:
+            if self.caught is not None:
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+                return
+            self.caught = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
 
 # ----------------------------------------------------------------------------------------------- autoencoder
 def _ae_batch(step: int, cfg: ToyTrainConfig, bank: Tensor, crop: int | None = None) -> Tensor:
@@ -91,26 +190,30 @@ def train_ae(
     bank: Tensor,
     *,
     device="cpu",
-    minutes: float | None = None,
+    deadline: Deadline | None = None,
     log: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train ``editor.ae`` (resuming from ``run/ae_ckpt.safetensors``), then set its latent statistics."""
+    """Train ``editor.ae`` (resuming from ``run/ae_ckpt.safetensors``) until ``cfg.ae_steps`` or the deadline;
+    once every step is done, set its latent statistics. The summary's ``done`` says whether it is."""
+    deadline = deadline or Deadline()
     ae = editor.ae.to(device).train()
     # start the posterior nearly deterministic: with logvar ~ 0 its noise (std 1) hides the signal until the
     # encoder learns to shrink it
     with torch.no_grad():
         ae.encoder.conv_out.bias[ae.config.z_channels :].fill_(-8.0)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
-    step = _resume(run / "ae_ckpt.safetensors", {"ae": ae}, {}, opt)
-    t_end = None if minutes is None else time.time() + 60 * minutes
-    while step < cfg.ae_steps and (t_end is None or time.time() < t_end):
+    path = run / "ae_ckpt.safetensors"
+    step, _ = _resume(path, {"ae": ae}, {}, opt)
+    saved = step
+    while step < cfg.ae_steps and not deadline.reached():
         lr = cfg.ae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.ae_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         x = _ae_batch(step, cfg, bank, cfg.ae_crop).to(device)
         mean, logvar = ae.encoder(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30, 20)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(20_000_000 + step))
+        z = mean + torch.exp(0.5 * logvar) * noise.to(device)
         rec = ae.decoder(z)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum() / x.shape[0]
         loss = F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean() + cfg.kl_weight * kl
@@ -121,16 +224,20 @@ def train_ae(
         step += 1
         if log:
             log({"stage": "ae", "step": step, "loss": loss.item(), "lr": lr})
-        if step % cfg.ckpt_every == 0 or step == cfg.ae_steps:
-            _checkpoint(run / "ae_ckpt.safetensors", {"ae": ae}, {}, opt, step)
-    _checkpoint(run / "ae_ckpt.safetensors", {"ae": ae}, {}, opt, step)
+        if step % cfg.ckpt_every == 0:
+            _checkpoint(path, {"ae": ae}, {}, opt, step)
+            saved = step
+    if step != saved:
+        _checkpoint(path, {"ae": ae}, {}, opt, step)
     ae.eval()
+    if step < cfg.ae_steps:
+        return {"ae_steps": step, "done": False}
     with torch.no_grad():
         means = [ae.encoder(_ae_batch(900_000 + i, cfg, bank).to(device)).chunk(2, 1)[0] for i in range(8)]
         z = torch.cat(means)
     shift, scale = float(z.mean()), float(1.0 / z.std())
     editor.with_latent_stats(shift, scale)
-    return {"ae_steps": step, "latent_shift": shift, "latent_scale": scale, "done": step >= cfg.ae_steps}
+    return {"ae_steps": step, "latent_shift": shift, "latent_scale": scale, "done": True}
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -139,17 +246,30 @@ def _example_arrays(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str,
     return ex.source, ex.target, ex.mask, ex.instruction, KINDS.index(ex.kind)
 
 
-def generate_examples(n: int, *, first_seed: int = 0, workers: int = 0, tokenizer=None) -> dict[str, Tensor]:
+def generate_examples(
+    n: int, *, first_seed: int = 0, workers: int = 0, tokenizer=None, deadline: Deadline | None = None
+) -> dict[str, Tensor]:
     """Examples ``first_seed .. first_seed + n - 1`` as tensors: source / target (n, H, W, 3) uint8, pixel
-    masks, instruction ids and edit kinds (``workers`` processes generate them)."""
+    masks, instruction ids and edit kinds (``workers`` processes generate them). At the deadline it returns
+    the first examples made so far (possibly none)."""
+    deadline = deadline or Deadline()
     seeds = range(first_seed, first_seed + n)
+    rows = []
     if workers > 1:
         from multiprocessing import get_context
 
-        with get_context("fork").Pool(workers) as pool:
-            rows = pool.map(_example_arrays, seeds, chunksize=64)
+        with get_context("fork").Pool(workers) as pool:  # leaving the block ends the workers
+            for row in pool.imap(_example_arrays, seeds, chunksize=64):
+                rows.append(row)
+                if deadline.reached():
+                    break
     else:
-        rows = [_example_arrays(s) for s in seeds]
+        for seed in seeds:
+            if deadline.reached():
+                break
+            rows.append(_example_arrays(seed))
+    if not rows:
+        return _no_examples()
     return {
         "source": torch.from_numpy(np.stack([r[0] for r in rows])),
         "target": torch.from_numpy(np.stack([r[1] for r in rows])),
@@ -159,45 +279,110 @@ def generate_examples(n: int, *, first_seed: int = 0, workers: int = 0, tokenize
     }
 
 
+def _no_examples() -> dict[str, Tensor]:
+    images = torch.zeros(0, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+    mask = torch.zeros(0, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    ids = torch.zeros(0, TEXT_TOKENS, dtype=torch.long)
+    return {"source": images, "target": images.clone(), "mask": mask, "ids": ids, "kind": ids[:, 0].clone()}
+
+
+def encode_latents(
+    editor: ToyEditor,
+    examples: dict[str, Tensor],
+    *,
+    device="cpu",
+    batch: int = 64,
+    start: int = 0,
+    deadline: Deadline | None = None,
+) -> dict[str, Tensor]:
+    """AE latents (posterior means, fp16) of the sources and targets from example ``start`` on, ``batch``
+    examples at a time (batches start at multiples of ``batch`` when ``start`` is one, so a resumed encoding
+    gives the same numbers), until all are done or the deadline."""
+    deadline = deadline or Deadline()
+    ae = editor.ae.to(device).eval()
+    out = {"source": [], "target": []}
+    with torch.no_grad():
+        for i in range(start, examples["source"].shape[0], batch):
+            if deadline.reached():
+                break
+            for key in out:
+                x = images_to_tensor(examples[key][i : i + batch]).to(device)
+                out[key].append(ae.encode(x).half().cpu())
+    empty = torch.zeros(0, ae.config.z_channels, IMAGE_SIZE // 4, IMAGE_SIZE // 4, dtype=torch.float16)
+    return {k: torch.cat(v) if v else empty for k, v in out.items()}
+
+
 def encode_examples(
     editor: ToyEditor, examples: dict[str, Tensor], *, device="cpu", batch: int = 64
 ) -> dict[str, Tensor]:
     """The training set: AE latents (fp16) of sources and targets, token-level masks, ids and kinds."""
-    ae = editor.ae.to(device).eval()
-    out = {"source": [], "target": []}
-    with torch.no_grad():
-        for i in range(0, examples["source"].shape[0], batch):
-            for key in out:
-                x = images_to_tensor(examples[key][i : i + batch]).to(device)
-                out[key].append(ae.encode(x).half().cpu())
+    return _dataset(examples, encode_latents(editor, examples, device=device, batch=batch))
+
+
+def _dataset(examples: dict[str, Tensor], latents: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The encoded ``latents`` of every example with its token-level mask, instruction ids and kind."""
     token = IMAGE_SIZE // 16  # pixels per token side on the 16 x 16 fine grid
     masks = F.max_pool2d(examples["mask"][:, None].float(), token)[:, 0] > 0
-    return {
-        "source": torch.cat(out["source"]),
-        "target": torch.cat(out["target"]),
-        "mask": masks,
-        "ids": examples["ids"],
-        "kind": examples["kind"],
-    }
+    return {**latents, "mask": masks, "ids": examples["ids"], "kind": examples["kind"]}
 
 
-def load_or_generate_examples(cfg: ToyTrainConfig, run: Path, *, workers: int = 0) -> dict[str, Tensor]:
+def _count(part: Path) -> tuple[dict[str, Tensor] | None, int]:
+    """The tensors saved in ``part`` (None when there is no such file) and how many examples they hold."""
+    if not part.is_file():
+        return None, 0
+    done = load_file(str(part))
+    return done, next(iter(done.values())).shape[0]
+
+
+def load_or_generate_examples(
+    cfg: ToyTrainConfig, run: Path, *, workers: int = 0, deadline: Deadline | None = None
+) -> dict[str, Tensor] | None:
+    """The run's example bank (``run/examples_N.safetensors``), generated when missing. None when the deadline
+    stopped the generation: what it made is in ``examples_N.part.safetensors``, where the next call goes on."""
     path = run / f"examples_{cfg.n_train}.safetensors"
     if path.is_file():
         return load_file(str(path))
-    examples = generate_examples(cfg.n_train, first_seed=cfg.seed * 1_000_000, workers=workers)
-    save_file({k: v.contiguous() for k, v in examples.items()}, str(path))
+    part = run / f"examples_{cfg.n_train}.part.safetensors"
+    done, start = _count(part)
+    first = cfg.seed * 1_000_000 + start
+    new = generate_examples(cfg.n_train - start, first_seed=first, workers=workers, deadline=deadline)
+    examples = new if done is None else {k: torch.cat([done[k], new[k]]) for k in new}
+    if examples["kind"].shape[0] < cfg.n_train:
+        if new["kind"].shape[0]:
+            atomic.save_tensors(examples, part)
+        return None
+    atomic.save_tensors(examples, path)
+    part.unlink(missing_ok=True)
     return examples
 
 
 def load_or_encode_dataset(
-    editor: ToyEditor, examples: dict[str, Tensor], cfg: ToyTrainConfig, run: Path, *, device="cpu"
-) -> dict[str, Tensor]:
+    editor: ToyEditor,
+    examples: dict[str, Tensor],
+    cfg: ToyTrainConfig,
+    run: Path,
+    *,
+    device="cpu",
+    batch: int = 64,
+    deadline: Deadline | None = None,
+) -> dict[str, Tensor] | None:
+    """The encoded training set (``run/data_N.safetensors``), encoded when missing. None when the deadline
+    stopped the encoding: the latents made so far are in ``data_N.part.safetensors``, where the next call goes
+    on."""
     path = run / f"data_{cfg.n_train}.safetensors"
     if path.is_file():
         return load_file(str(path))
-    data = encode_examples(editor, examples, device=device)
-    save_file({k: v.contiguous() for k, v in data.items()}, str(path))
+    part = run / f"data_{cfg.n_train}.part.safetensors"
+    done, start = _count(part)
+    new = encode_latents(editor, examples, device=device, batch=batch, start=start, deadline=deadline)
+    latents = new if done is None else {k: torch.cat([done[k], new[k]]) for k in new}
+    if latents["source"].shape[0] < cfg.n_train:
+        if new["source"].shape[0]:
+            atomic.save_tensors(latents, part)
+        return None
+    data = _dataset(examples, latents)
+    atomic.save_tensors(data, path)
+    part.unlink(missing_ok=True)
     return data
 
 
@@ -291,34 +476,38 @@ def train_dit(
     run: Path,
     *,
     device="cpu",
-    minutes: float | None = None,
+    deadline: Deadline | None = None,
     log: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train the transformer and text encoder (resuming from ``run/dit_ckpt.safetensors``); returns a summary.
+    """Train the transformer and text encoder (resuming from ``run/dit_ckpt.safetensors``) until ``cfg.steps``
+    or the deadline; returns a summary (``done``: all steps made). With ``cfg.steps`` 0 the schedule is fitted
+    to the deadline's time after timing the first steps, and kept in the checkpoint for resumed calls.
 
     The EMA weights are copied into ``editor`` at the end (they are what gets saved and evaluated).
     """
+    deadline = deadline or Deadline()
     nets = {"dit": editor.dit.to(device).train(), "text": editor.text.to(device).train()}
     editor.ae.to(device).eval().requires_grad_(False)
     params = [p for m in nets.values() for p in m.parameters()]
     ema = {f"{k}.{n}": p.detach().clone() for k, m in nets.items() for n, p in m.named_parameters()}
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    step = _resume(run / "dit_ckpt.safetensors", nets, ema, opt)
-    t_end = None if minutes is None else time.time() + 60 * minutes
+    path = run / "dit_ckpt.safetensors"
+    step, planned = _resume(path, nets, ema, opt)
+    saved = step
     if torch.device(device).type == "cuda":
         data = {k: v.to(device) for k, v in data.items()}
     n_data = data["target"].shape[0]
     factors = torch.tensor(cfg.res_probs)
-    total = cfg.steps
-    if total == 0 and t_end is None:
-        raise ValueError("steps 0 (auto) needs a time budget (minutes)")
+    total = cfg.steps or planned  # auto: the schedule planned by the call that started it
+    if total == 0 and deadline.end is None:
+        raise ValueError("--steps 0 (fit the schedule to the time budget) needs --minutes")
     t0, seen = time.time(), 0
-    while (total == 0 or step < total) and (t_end is None or time.time() < t_end):
+    while (total == 0 or step < total) and not deadline.reached():
         if total == 0 and seen == 10:
             t_calib = time.time()  # the first steps carry warm-up (allocator, kernel selection): not timed
         if total == 0 and seen == 40:  # auto: the schedule ends with the time budget (5 % margin)
             per_step = (time.time() - t_calib) / 30
-            total = step + max(1, int(0.95 * (t_end - time.time()) / per_step))
+            total = step + max(1, int(0.95 * deadline.seconds_left() / per_step))
         horizon = total or 10**9
         warm = min(1.0, (step + 1) / cfg.warmup)
         lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon)))
@@ -351,8 +540,10 @@ def train_dit(
                 }
             )
         if step % cfg.ckpt_every == 0:
-            _checkpoint(run / "dit_ckpt.safetensors", nets, ema, opt, step)
-    _checkpoint(run / "dit_ckpt.safetensors", nets, ema, opt, step)
+            _checkpoint(path, nets, ema, opt, step, planned=total)
+            saved = step
+    if step != saved:
+        _checkpoint(path, nets, ema, opt, step, planned=total)
     with torch.no_grad():
         for k, m in nets.items():
             for n, p in m.named_parameters():
@@ -367,8 +558,11 @@ def train_dit(
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def _checkpoint(path: Path, nets: dict[str, nn.Module], ema: dict[str, Tensor], opt, step: int) -> None:
-    """Model, EMA and AdamW state (per parameter, in order) in one safetensors file; never pickled."""
+def _checkpoint(
+    path: Path, nets: dict[str, nn.Module], ema: dict[str, Tensor], opt, step: int, *, planned: int = 0
+) -> None:
+    """Model, EMA and AdamW state (per parameter, in order), the step and the planned step count in one
+    safetensors file, never pickled; written atomically, so a kill during a save keeps the previous one."""
     state = {f"model.{k}.{n}": v for k, m in nets.items() for n, v in m.state_dict().items()}
     state.update({f"ema.{k}": v for k, v in ema.items()})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -377,14 +571,15 @@ def _checkpoint(path: Path, nets: dict[str, nn.Module], ema: dict[str, Tensor], 
             state[f"opt.{i}.exp_avg"], state[f"opt.{i}.exp_avg_sq"] = s["exp_avg"], s["exp_avg_sq"]
             state[f"opt.{i}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
     state["step"] = torch.tensor([step])
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)  # atomic: an interrupted save never corrupts the last checkpoint
+    state["planned"] = torch.tensor([planned])
+    atomic.save_tensors(state, path)
 
 
-def _resume(path: Path, nets: dict[str, nn.Module], ema: dict[str, Tensor], opt) -> int:
+def _resume(path: Path, nets: dict[str, nn.Module], ema: dict[str, Tensor], opt) -> tuple[int, int]:
+    """Load the checkpoint at ``path`` (if any) into ``nets``, ``ema`` and ``opt``; its step and planned
+    step count (0, 0 without one)."""
     if not path.is_file():
-        return 0
+        return 0, 0
     state = load_file(str(path))
     for k, m in nets.items():
         m.load_state_dict(
@@ -400,7 +595,8 @@ def _resume(path: Path, nets: dict[str, nn.Module], ema: dict[str, Tensor], opt)
                 "exp_avg": state[f"opt.{i}.exp_avg"].to(device),
                 "exp_avg_sq": state[f"opt.{i}.exp_avg_sq"].to(device),
             }
-    return int(state["step"][0])
+    planned = int(state["planned"][0]) if "planned" in state else 0
+    return int(state["step"][0]), planned
 
 
 def config_dict(cfg: ToyTrainConfig) -> dict:

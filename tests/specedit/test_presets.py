@@ -7,7 +7,8 @@ import pytest
 from samplers.ntdm import fit_ntdm, objective
 from specedit.bench import meta_rows
 from specedit.cli import main
-from specedit.presets import FITTED, FREE_FIT, H_ORI, RALU, SPLITS, Z_FLOOR, methods
+from specedit.families import families, get_family
+from specedit.presets import RALU, SPLITS, get, methods
 
 PAPER_FLUX_SPEEDUP = {"specedit-30": 3.31, "specedit-18": 5.38, "specedit-11": 6.92, "specedit-9": 7.37}
 
@@ -28,26 +29,36 @@ def test_ntdm_at_least_as_good_as_ralu_7x():
     assert fit_ntdm(steps, ends, 3.0)[2] <= ralu_jsd + 1e-5
 
 
-@pytest.mark.parametrize("family,nfe", [("flux", 18), ("flux", 9), ("qwen", 18), ("toy", 18), ("toy", 11)])
+@pytest.mark.parametrize("family,nfe", [(f, n) for f in ("kontext", "qwen", "toy") for n in SPLITS])
 def test_preset_values_are_the_fits(family, nfe):
-    steps, ends = SPLITS[nfe]
-    shifts, z, _ = fit_ntdm(steps, ends, H_ORI[family], z_bounds=(Z_FLOOR[family], 100.0))
-    assert shifts == pytest.approx(FITTED[(family, nfe)][0], abs=2e-3)
-    assert z == pytest.approx(FITTED[(family, nfe)][1], abs=2e-3)
+    fam = get_family(family)
+    shifts, z, _ = fit_ntdm(*SPLITS[nfe], fam.h_ori, z_bounds=(fam.z_floor, 100.0))
+    assert shifts == pytest.approx(fam.fitted[nfe][0], abs=2e-3)
+    assert z == pytest.approx(fam.fitted[nfe][1], abs=2e-3)
 
 
 def test_free_fit_ablation_is_the_unfloored_fit():
-    steps, ends = SPLITS[18]
-    shifts, z, _ = fit_ntdm(steps, ends, H_ORI["toy"], z_bounds=(1.0, 100.0))
-    assert shifts == pytest.approx(FREE_FIT[("toy", 18)][0], abs=2e-3)
-    assert z == pytest.approx(FREE_FIT[("toy", 18)][1], abs=2e-3) and z < Z_FLOOR["toy"]
+    toy = get_family("toy")
+    shifts, z, _ = fit_ntdm(*SPLITS[18], toy.h_ori, z_bounds=(1.0, 100.0))
+    assert shifts == pytest.approx(toy.free_fit[18][0], abs=2e-3)
+    assert z == pytest.approx(toy.free_fit[18][1], abs=2e-3) and z < toy.z_floor
     ablation = methods("toy")["specedit-18-z1"].sampler
-    assert (ablation.shifts, ablation.z) == FREE_FIT[("toy", 18)]
-    assert "specedit-18-z1" not in methods("flux")
+    assert (ablation.shifts, ablation.z) == toy.free_fit[18]
+    assert "specedit-18-z1" not in methods("kontext")
+
+
+def test_no_silent_default_family():
+    with pytest.raises(TypeError):
+        methods()
+    with pytest.raises(ValueError, match="unknown method 'nope' for family 'qwen'; choose from baseline-50"):
+        get("nope", "qwen")
+    assert get("specedit-18", "flux-kontext-dev") == methods("kontext")["specedit-18"]
 
 
 def test_meta_flops_speedups_match_the_paper():
-    rows = meta_rows(list(PAPER_FLUX_SPEEDUP), height=1024, width=1024, expand_fraction=0.25)
+    rows = meta_rows(
+        list(PAPER_FLUX_SPEEDUP), family="kontext", height=1024, width=1024, expand_fraction=0.25
+    )
     for r in rows:
         assert r["flops_speedup"] == pytest.approx(PAPER_FLUX_SPEEDUP[r["method"]], rel=0.10), r
         assert r["expanded_fraction"] == 0.25
@@ -70,8 +81,10 @@ def test_bench_latency_runs_on_a_tiny_config(capsys):
     assert row["forward_s"] + row["vae_s"] + row["overhead_s"] == pytest.approx(row["latency_s"], rel=0.2)
 
 
-def test_every_named_method_exists_for_both_families():
-    assert set(methods("flux")) == set(methods("qwen"))
+def test_every_named_method_exists_for_every_built_in_family():
+    names = set(methods("kontext"))
+    assert set(methods("qwen")) == names and names < set(methods("toy"))
+    assert {f for f in families() if f in ("kontext", "qwen", "toy")} == {"kontext", "qwen", "toy"}
 
 
 def test_qwen_meta_speedups_near_the_paper_at_its_setting():
@@ -86,12 +99,13 @@ def test_qwen_meta_speedups_near_the_paper_at_its_setting():
 
 
 def test_toy_family_uses_its_calibration():
-    from specedit.presets import TOY_DRAFTER, TOY_VERIFIER
+    from specedit.toy.family import TOY_DRAFTER, TOY_VERIFIER
 
     table = methods("toy")
     for name in ("specedit-30", "specedit-18", "specedit-11", "specedit-9"):
         assert table[name].drafter == TOY_DRAFTER and table[name].verifier == TOY_VERIFIER, name
     assert table["specedit-18-tau0.4"].verifier.reference == "roundtrip"
     assert (
-        table["specedit-18-draft4"].drafter.factor == 4 and methods("flux")["specedit-18"].drafter.factor == 4
+        table["specedit-18-draft4"].drafter.factor == 4
+        and methods("kontext")["specedit-18"].drafter.factor == 4
     )

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from toy_editor import tiny_editor
 
+from specedit.kontext.family import tiny_editor
 from verify.canny import canny
 from verify.discrepancy import dilate, feature_distance, normalize_scores, pool_scores
 from verify.verifiers import CannyVerifier, FeatureVerifier, VarianceVerifier, uniform_cells
@@ -80,7 +80,7 @@ def test_canny_finds_a_square_outline():
 def test_ralu_and_fresco_selectors(editor):
     coarse = torch.randn(1, 4, 8, 8)
     v = CannyVerifier(up_ratio=0.25).verify(editor, coarse)
-    assert int(v.mask.sum()) == 4 and v.events[0]["kind"] == "decode"
+    assert int(v.mask.sum()) == 4 and v.events[0].op == "decode"
     fv = VarianceVerifier(0.5).verify(editor, coarse)
     assert int(fv.mask.sum()) == 8
     low = VarianceVerifier(0.5, order="low_first").verify(editor, coarse)

@@ -1,4 +1,5 @@
-"""The Qwen-Image-Edit editor adapter: official ids, SpecEdit invariants, true CFG on one token set, costs."""
+"""The Qwen-Image-Edit adapter: official ids, true CFG on one token set, costs (the shared invariants run in
+``tests/specedit/test_conformance.py``)."""
 
 import math
 from dataclasses import replace
@@ -10,13 +11,13 @@ from refs import max_rel_err, randomize_
 from models import qwen_image, qwen_image_vae
 from models.qwen_image import QWEN_IMAGE_TINY, QwenImage, official_ids
 from models.qwen_image_vae import QWEN_IMAGE_VAE_TINY, QwenImageVAE
+from models.work import Forward, VaeWork
 from samplers.layout import Layout, mixed_indices, scaled_grid
-from samplers.mixed_res import FullResSampler, MixedResSampler
-from specedit.method import Baseline, SpecEdit
+from samplers.mixed_res import FullResSampler
+from specedit.method import Baseline
 from specedit.presets import methods
 from specedit.protocols import Editor
 from specedit.qwen.editor import QwenCosts, QwenEditor
-from verify.verifiers import FixedVerifier
 
 GRID = (8, 12)  # fine token grid of the tiny source: non-square, divisible by 4
 
@@ -78,41 +79,6 @@ def test_satisfies_the_editor_protocol(editor):
     assert editor.grid == GRID and editor.ref_grids == ((7, 4), (8, 12))
 
 
-@torch.no_grad()
-def test_expand_everything_without_coarse_stage_is_the_baseline_exactly(editor):
-    base = Baseline(FullResSampler(6)).run(editor, seed=11)
-    sampler = MixedResSampler(
-        steps=(0, 0, 6), ends=(0.0, 0.0), shifts=(None, None, None), z=1.0, renoise="none"
-    )
-    spec = SpecEdit(drafter=None, verifier=FixedVerifier(True), sampler=sampler).run(editor, seed=11)
-    assert torch.equal(spec.latent, base.latent)
-    assert spec.nfe == base.nfe == 6
-
-
-@pytest.mark.parametrize("name", ["specedit-30", "specedit-18", "specedit-11", "specedit-9"])
-@torch.no_grad()
-def test_every_specedit_preset_runs_and_its_plan_matches_its_run(editor, name):
-    m = methods("qwen")[name]
-    out = m.run(editor, seed=2)
-    assert out.latent.shape == editor.source.shape and torch.isfinite(out.latent).all()
-    assert out.nfe == int(name.split("-")[1])
-    n_exp = int(out.verdict.mask[0].sum())
-    planned = m.events(editor.grid, n_exp)
-    key = lambda e: (e["kind"], e.get("stage"), e.get("n_target"), e.get("ref_factor"), e.get("size"))
-    assert sorted(map(key, out.events), key=str) == sorted(map(key, planned), key=str)
-    flops = out.flops(editor)
-    assert set(flops) == {"draft", "coarse", "mixed", "full", "verifier", "total"}
-    assert math.isclose(flops["total"], sum(editor.cost(e) for e in out.events), rel_tol=1e-12)
-
-
-@torch.no_grad()
-def test_same_seed_same_output(editor):
-    m = methods("qwen")["specedit-9"]
-    a, b = m.run(editor, seed=5), m.run(editor, seed=5)
-    assert torch.equal(a.latent, b.latent) and torch.equal(a.verdict.mask, b.verdict.mask)
-    assert not torch.equal(a.latent, m.run(editor, seed=6).latent)
-
-
 def _record_forwards(ed: QwenEditor, layout: Layout):
     calls = []
     hook = ed.model.register_forward_pre_hook(lambda _m, args: calls.append([a.clone() for a in args[:2]]))
@@ -172,26 +138,28 @@ def test_without_negative_prompt_one_forward_of_the_conditional_branch(editor):
 
 
 def test_full_size_forward_flops():
-    """1024^2 target + 1024^2 reference, 1400 text tokens in both branches: 2 x 198.236 TFLOPs (research memo
-    section 6); coarser references cost less; VAE events count the 2-D decoder we run."""
+    """1024^2 target + 1024^2 reference, 1400 text tokens in both branches: 2 x 198.236 TFLOPs;
+    coarser references cost less; VAE events count the 2-D decoder we run."""
     costs = QwenCosts(
         qwen_image.QWEN_IMAGE_EDIT, qwen_image_vae.QWEN_IMAGE_VAE, 1400, 1400, (64, 64), ((64, 64),)
     )
-    fwd = costs.cost({"kind": "forward", "stage": "full", "n_target": 4096, "ref_factor": 1.0})
+    fwd = costs.cost(Forward("full", 4096, 1.0))
     assert math.isclose(fwd, 2 * qwen_image.flops(qwen_image.QWEN_IMAGE_EDIT, 8192, 1400)["total"])
     assert round(fwd / 2e12, 3) == 198.236
-    coarse = costs.cost({"kind": "forward", "stage": "coarse", "n_target": 1024, "ref_factor": 2.0})
+    coarse = costs.cost(Forward("coarse", 1024, 2.0))
     assert math.isclose(coarse, 2 * qwen_image.flops(qwen_image.QWEN_IMAGE_EDIT, 2048, 1400)["total"])
     one_branch = replace(costs, neg_text_tokens=None)
-    assert one_branch.cost({"kind": "forward", "n_target": 4096, "ref_factor": 1.0}) == fwd / 2
-    decode = costs.cost({"kind": "decode", "size": (128, 128), "count": 1})
+    assert one_branch.cost(Forward("full", 4096, 1.0)) == fwd / 2
+    decode = costs.cost(VaeWork("decode", (128, 128)))
     assert decode == qwen_image_vae.flops(qwen_image_vae.QWEN_IMAGE_VAE, 1024, 1024)["decode"]
-    feats = costs.cost(
-        {"kind": "features", "size": (128, 128), "taps": ("conv_in", "mid", "up0"), "count": 2}
-    )
+    feats = costs.cost(VaeWork("features", (128, 128), ("conv_in", "mid", "up0"), count=2))
     assert 0 < feats < 2 * decode
-    with pytest.raises(ValueError, match="unknown cost event kind"):
+    with pytest.raises(TypeError, match="cannot price"):
         costs.cost({"kind": "encode"})
+    with pytest.raises(
+        ValueError, match=r"VaeWork.op must be one of \('decode', 'features', 'encode'\), got 'up'"
+    ):
+        VaeWork("up", (8, 8))
 
 
 def test_bad_editor_inputs(editor):

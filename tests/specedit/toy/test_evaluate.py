@@ -114,8 +114,24 @@ def test_unknown_methods_and_missing_weights(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- with a model
+def test_out_that_is_a_file_fails_before_any_work(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    missing = str(tmp_path / "no-weights")  # would fail later: --out is checked first
+    for command in ("demo", "eval"):
+        assert main([command, "--out", str(taken), "--weights", missing]) == 2
+        err = capsys.readouterr().err
+        assert err == f"specedit {command}: error: --out {taken} is a file, not a folder\n"
+        assert main([command, "--out", str(taken / "sub"), "--weights", missing]) == 2
+        assert f"--out {taken / 'sub'}: {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "x"
+
+
 def test_demo_writes_panels_report_and_table(toy_weights, tmp_path, capsys):
     out = tmp_path / "demo"
+    out.mkdir()
+    for name in ("notes.txt", "panel_old.png", "panel_5_move.png"):  # a stranger's files and a stale panel
+        (out / name).write_text(name)
     argv = ["demo", "--weights", str(toy_weights), "--out", str(out), "--n", "2", "--methods", "specedit-9"]
     assert main([*argv, "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -144,6 +160,16 @@ def test_demo_writes_panels_report_and_table(toy_weights, tmp_path, capsys):
     assert {e["scope"] for e in report["examples"]} == {"local", "global"}
     for e in report["examples"]:
         assert os.path.isfile(e["panel"]) and e["seed"] >= 5_000_000
+    panels = sorted(p.name for p in out.glob("panel_*_*.png"))
+    assert panels == sorted(os.path.basename(e["panel"]) for e in report["examples"])  # the stale one is gone
+    assert (out / "notes.txt").read_text() == "notes.txt" and (out / "panel_old.png").is_file()
+    assert main([*argv[:-4], "--n", "1", "--methods", "specedit-9", "--quiet"]) == 0  # fewer examples
+    report = json.loads((out / "report.json").read_text())
+    panel = os.path.basename(report["examples"][0]["panel"])
+    assert len(report["examples"]) == 1 and [p.name for p in out.glob("panel_*_*.png")] == [panel]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["notes.txt", "panel_old.png", "report.json", panel]
+    )
 
 
 def test_eval_writes_json_lines_table_and_plot(single_eval):
@@ -170,6 +196,58 @@ def test_eval_writes_json_lines_table_and_plot(single_eval):
     assert len(ev.read_jsonl(out / "examples.jsonl")) == 6
     assert "specedit-9" in printed and "IoU L" in printed
     assert (out / "speed_quality.png").is_file() == viz_plots.available()
+
+
+def _same_records(got: list[dict], want: list[dict]) -> None:
+    """Equal records but for the timing field (latency)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if k != "latency_s"} == {
+            k: v for k, v in w.items() if k != "latency_s"
+        }
+
+
+def test_eval_resumes_a_killed_run_and_never_shrinks(single_eval, toy_weights, tmp_path, capsys):
+    out = tmp_path / "eval"
+    toy = ev.load_toy(toy_weights)
+    names = ev.parse_methods("steps-9,specedit-9", reference="steps-10")
+
+    def killed_in_example_1(msg: str) -> None:
+        if msg.startswith("example 1 "):
+            raise KeyboardInterrupt
+
+    with threads(1), pytest.raises(KeyboardInterrupt):
+        ev.evaluate_suite(toy, names, n=2, reference="steps-10", out=out, log=killed_in_example_1)
+    first = ev.read_jsonl(out / "examples.jsonl")
+    assert [(r["method"], r["index"]) for r in first] == [("steps-10", 0), ("steps-9", 0), ("specedit-9", 0)]
+    with (out / "examples.jsonl").open("ab") as f:
+        f.write(b'{"method": "steps-9", "ind')  # a line cut short by the kill
+    argv = ["eval", "--weights", str(toy_weights), "--out", str(out), "--threads", "1", "--no-plot"]
+    assert main([*argv, *EVAL_ARGS]) == 0
+    capsys.readouterr()
+    resumed = ev.read_jsonl(out / "examples.jsonl")
+    _same_records(resumed, ev.read_jsonl(single_eval[0] / "examples.jsonl"))
+    timing = ("latency_s", "latency_speedup")
+    rows = [{k: v for k, v in r.items() if k not in timing} for r in ev.read_jsonl(out / "metrics.jsonl")]
+    assert rows == [
+        {k: v for k, v in r.items() if k not in timing}
+        for r in ev.read_jsonl(single_eval[0] / "metrics.jsonl")
+    ]
+    ran_once = {(r["method"], r["seed"]): r["latency_s"] for r in first}
+    assert all(r["latency_s"] == ran_once[(r["method"], r["seed"])] for r in resumed if r["index"] == 0)
+
+    smaller = [a if a != "2" else "1" for a in EVAL_ARGS]  # --n 1: the 2-example records must stay
+    assert main([*argv, *smaller]) == 2
+    assert "holds 3 records outside this suite (e.g. steps-10 on seed 6000001)" in capsys.readouterr().err
+    other = [a if a != "steps-10" else "steps-9" for a in EVAL_ARGS]
+    assert main([*argv, *other]) == 2
+    assert (
+        "holds records of another setup (differing: reference 'steps-10' (now 'steps-9'))"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(ValueError, match="holds 3 records that are not among the 3 to write"):
+        ev.write_suite(first, out, reference="steps-10", plot=False)
+    assert ev.read_jsonl(out / "examples.jsonl") == resumed
 
 
 def test_torchrun_shards_and_merges_like_a_single_process(single_eval, toy_weights, tmp_path):

@@ -22,8 +22,8 @@ def test_train_resume_save_load_edit(tmp_path):
     assert steps == [1, 2, 3, 4, 5]
     editor = ToyEditor.load(tmp_path / "run" / "weights")
     ex = make_example(7)
-    image, result = editor.edit([ex.source], ex.instruction, methods()["specedit-9"])
-    assert image.shape == (1, 3, 128, 128) and result.nfe == 9 and torch.isfinite(image).all()
+    out = editor.edit(ex.source, ex.instruction, method=methods("toy")["specedit-9"])
+    assert out.pixels.shape == (1, 3, 128, 128) and out.result.nfe == 9 and torch.isfinite(out.pixels).all()
 
 
 def test_changed_settings_need_a_new_run(tmp_path):
