@@ -547,10 +547,8 @@ class EditOutput:
         )
 
 
-def finish(
-    result, editor, output: str, seconds: dict, one_off: dict, reference=None, t0: float = 0.0
-) -> EditOutput:
-    """Decode (unless ``output`` is "latent") and convert; ``seconds`` gets "decode" and "total"."""
+def finish(result, editor, output: str, seconds: dict, one_off: dict, reference, t0: float) -> EditOutput:
+    """Decode (unless ``output`` is "latent") and convert; ``seconds`` gets "decode" and "total" (since ``t0``)."""
     t = time.perf_counter()
     pixels = images = None
     if output == "latent":

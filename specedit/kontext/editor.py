@@ -87,8 +87,12 @@ class KontextEditor:
     def _check_conditioning(self) -> None:
         check_references(self.refs, self.source)
         if (self.neg_txt is None) != (self.neg_y is None):
-            raise ValueError("give both neg_txt and neg_y (the negative prompt's T5 and CLIP states) or neither")
-        if self.neg_txt is not None and (self.neg_txt.shape != self.txt.shape or self.neg_y.shape != self.y.shape):
+            raise ValueError(
+                "give both neg_txt and neg_y (the negative prompt's T5 and CLIP states) or neither"
+            )
+        if self.neg_txt is not None and (
+            self.neg_txt.shape != self.txt.shape or self.neg_y.shape != self.y.shape
+        ):
             raise ValueError(
                 f"negative prompt states {tuple(self.neg_txt.shape)}, {tuple(self.neg_y.shape)} must match the "
                 f"prompt's {tuple(self.txt.shape)}, {tuple(self.y.shape)}"

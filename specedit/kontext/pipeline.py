@@ -249,9 +249,9 @@ class KontextPipeline(EditPipeline):
         latents = encode_images(samples, sizes, lambda x: self.ae.encode(x.to(self.device)).to(dtype))
         sync(latents[0][0])
         seconds = {"encode_prompt": t1 - t0, "encode_image": time.perf_counter() - t1}
-        options = dict(guidance=guidance, schedule=self.schedule, cfg_scale=scale, batched_cfg=batched_cfg)
+        common = dict(guidance=guidance, schedule=self.schedule, cfg_scale=scale, batched_cfg=batched_cfg)
         editors = kontext_editors(
-            self.model, self.ae, *prompts, latents, ref_method=self.reference_method, **options
+            self.model, self.ae, *prompts, latents, ref_method=self.reference_method, **common
         )
         return editors, working_image(samples[0].images[0], sizes[0]), seconds, {}
 
