@@ -506,7 +506,8 @@ def config_from_diffusers(c: dict) -> QwenImageConfig:
     return QwenImageConfig(
         patch_size=c.get("patch_size", base.patch_size),
         in_channels=in_channels,
-        out_channels=c.get("out_channels") or in_channels,
+        # diffusers: a missing key is its default (16); an explicit null falls back to in_channels
+        out_channels=c.get("out_channels", base.out_channels) or in_channels,
         num_layers=c.get("num_layers", base.num_layers),
         num_heads=c.get("num_attention_heads", base.num_heads),
         head_dim=c.get("attention_head_dim", base.head_dim),

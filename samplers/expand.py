@@ -70,10 +70,10 @@ class HaarExpander:
                 raise ValueError(f"HaarExpander.{name} must be one of {options}, got {value!r}")
 
     def expand(
-        self, editor, coarse: Tensor, sigma: float, eps_hat: Tensor | None, field: NoiseField
+        self, editor, coarse: Tensor, sigma: float, eps_hat: Tensor | None, noise_field: NoiseField
     ) -> Tensor:
         """(b, c, h, w) coarse latent at ``sigma`` -> (b, c, 2h, 2w) fine latent."""
-        fine_noise = field.at(tuple(2 * s for s in coarse.shape[-2:]))
+        fine_noise = noise_field.at(tuple(2 * s for s in coarse.shape[-2:]))
         cells = lambda t: _to_cells(editor, t, self.space)
         field_c = dc(cells(fine_noise))
         x_c = cells(coarse)
@@ -81,7 +81,8 @@ class HaarExpander:
         if self.details == "field":
             base = x_c - (sigma / 2) * (eps + field_c)
             return _from_cells(editor, upsample_nearest(base) + sigma * cells(fine_noise), self.space)
-        noise = field.fresh((x_c.shape[0], 3, *x_c.shape[1:]), salt=int(1e6 * sigma) + 17)
+        # a salt per noise level (each transition draws its own details), distinct from the re-noise salts 1, 2
+        noise = noise_field.fresh((x_c.shape[0], 3, *x_c.shape[1:]), salt=int(1e6 * sigma) + 17)
         coef = torch.cat([(2 * x_c - sigma * eps)[:, None], sigma * noise], 1)
         return _from_cells(editor, ihaar(coef), self.space)
 
@@ -91,7 +92,7 @@ class ReplicateExpander:
     """RALU's upsampling: each packed token is copied to its 4 children (pair with :class:`RaluCorrelated`)."""
 
     def expand(
-        self, editor, coarse: Tensor, sigma: float, eps_hat: Tensor | None, field: NoiseField
+        self, editor, coarse: Tensor, sigma: float, eps_hat: Tensor | None, noise_field: NoiseField
     ) -> Tensor:
         return _from_cells(editor, upsample_nearest(_to_cells(editor, coarse, "token")), "token")
 

@@ -1,6 +1,6 @@
 """Mixed-resolution sampling: coarse -> mixed -> full stages, plus the full-resolution and Bottleneck baselines.
 
-All samplers share one verb, ``sample(editor, field, select) -> Trajectory``, and plan their own work
+All samplers share one verb, ``sample(editor, noise_field, select) -> Trajectory``, and plan their own work
 (``plan(shape, n_expanded) -> [Forward, ...]``, the events a run records). The *editor* is any object with
 ``grid`` (fine token grid), ``patch`` (latent pixels per token side), ``pack`` / ``unpack`` (latent <-> tokens),
 ``schedule`` (its :class:`~samplers.schedules.ShiftSchedule`) and ``denoiser(layout) -> (x, sigma) -> v``;
@@ -109,13 +109,13 @@ class FullResSampler:
         if self.steps < 1:
             raise ValueError(f"FullResSampler.steps must be >= 1, got {self.steps}")
 
-    def sample(self, editor, field: NoiseField, select=None, *, x0_init=None, callback=None,
+    def sample(self, editor, noise_field: NoiseField, select=None, *, x0_init=None, callback=None,
                progress=False) -> Trajectory:  # fmt: skip
         _no_init(x0_init, "FullResSampler")
         layout = Layout.full(editor.grid)
-        sigmas = flow_sigmas(self.steps, len(layout), editor.schedule).to(field.fine.device)
-        traj = Trajectory(latent=field.fine)
-        x, _ = sample_stage(editor, layout, editor.pack(field.fine), sigmas, "full", traj=traj,
+        sigmas = flow_sigmas(self.steps, len(layout), editor.schedule).to(noise_field.fine.device)
+        traj = Trajectory(latent=noise_field.fine)
+        x, _ = sample_stage(editor, layout, editor.pack(noise_field.fine), sigmas, "full", traj=traj,
                             callback=callback, progress=progress)  # fmt: skip
         traj.latent = editor.unpack(x, editor.grid)
         return traj
@@ -204,7 +204,7 @@ class MixedResSampler:
                 + [Forward("mixed", nc + 3 * n_expanded, self.ref_factor, b)] * self.steps[1]
                 + [Forward("full", shape.grid[0] * shape.grid[1], 1.0, b)] * self.steps[2])  # fmt: skip
 
-    def sample(self, editor, field: NoiseField, select, *, x0_init: Tensor | None = None, callback=None,
+    def sample(self, editor, noise_field: NoiseField, select, *, x0_init: Tensor | None = None, callback=None,
                progress=False) -> Trajectory:  # fmt: skip
         """Run the three stages. ``select``: a verdict (anything with a ``mask``) or a callable given the coarse
         clean estimate after stage 1. ``x0_init`` (a clean latent, e.g. the draft) replaces stage 1: it is
@@ -212,25 +212,25 @@ class MixedResSampler:
         h, w = editor.grid
         if h % 2 or w % 2:
             raise ValueError(f"the fine token grid {editor.grid} must be even to have a 2x2 coarse grid")
-        sig = [s.to(field.fine.device) for s in self.stage_sigmas(h * w, editor.schedule)]
-        traj = Trajectory(latent=field.fine)
+        sig = [s.to(noise_field.fine.device) for s in self.stage_sigmas(h * w, editor.schedule)]
+        traj = Trajectory(latent=noise_field.fine)
         run = partial(sample_stage, editor, traj=traj, callback=callback, progress=progress)
-        x, v = self._coarse(editor, field, sig[0], x0_init, run)
+        x, v = self._coarse(editor, noise_field, sig[0], x0_init, run)
         verdict = select if hasattr(select, "mask") else select(self._estimate(editor, x, v, x0_init))
         expanded = _shared_mask(verdict.mask, (h // 2, w // 2))
-        x, v = self._to_mixed(editor, field, x, v, expanded, sig[1], run)
-        x = self._to_full(editor, field, x, v, expanded, sig[2], run)
+        x, v = self._to_mixed(editor, noise_field, x, v, expanded, sig[1], run)
+        x = self._to_full(editor, noise_field, x, v, expanded, sig[2], run)
         traj.latent, traj.verdict, traj.expanded = editor.unpack(x, editor.grid), verdict, expanded
         return traj
 
-    def _coarse_noise(self, editor, field: NoiseField) -> Tensor:
+    def _coarse_noise(self, editor, noise_field: NoiseField) -> Tensor:
         """The field at the coarse level: 2 x 2 fine tokens per coarse token."""
         p, (h, w) = editor.patch, editor.grid
-        return field.at((p * (h // 2), p * (w // 2)))
+        return noise_field.at((p * (h // 2), p * (w // 2)))
 
-    def _coarse(self, editor, field, sigmas, x0_init, run) -> tuple[Tensor, Tensor | None]:
+    def _coarse(self, editor, noise_field, sigmas, x0_init, run) -> tuple[Tensor, Tensor | None]:
         """Stage 1: every token coarse (or ``x0_init`` noised to the end of stage 1 instead)."""
-        noise = self._coarse_noise(editor, field)
+        noise = self._coarse_noise(editor, noise_field)
         if x0_init is not None:
             e1 = self.ends[0]
             x0 = area_resize(x0_init.to(noise), tuple(noise.shape[-2:]))
@@ -248,7 +248,7 @@ class MixedResSampler:
             raise ValueError("this selector needs a stage-1 estimate: give stage 1 at least one step")
         return area_resize(x0_init.to(x), (editor.patch * gc[0], editor.patch * gc[1]))
 
-    def _to_mixed(self, editor, field, x, v, expanded, sigmas, run) -> tuple[Tensor, Tensor | None]:
+    def _to_mixed(self, editor, noise_field, x, v, expanded, sigmas, run) -> tuple[Tensor, Tensor | None]:
         """Transition 1 -> 2 (expand the chosen cells to 2 x 2 fine tokens, re-noise every token), then stage 2.
 
         Token order of the mixed stage: [kept coarse tokens (raster)] + [children of expanded cells (cell by
@@ -257,16 +257,16 @@ class MixedResSampler:
         sigma = 1.0 - e1
         keep, children = (t.to(x.device) for t in mixed_indices(expanded))
         eps = None if v is None else editor.unpack((x.float() + (1 - sigma) * v.float()).to(x.dtype), gc)
-        fine = editor.pack(self.expander.expand(editor, editor.unpack(x, gc), sigma, eps, field))
+        fine = editor.pack(self.expander.expand(editor, editor.unpack(x, gc), sigma, eps, noise_field))
         x = torch.cat([x[:, keep], fine[:, children]], 1)
-        coarse_tok = editor.pack(self._coarse_noise(editor, field))
-        field_tok = torch.cat([coarse_tok[:, keep], editor.pack(field.fine)[:, children]], 1)
+        coarse_tok = editor.pack(self._coarse_noise(editor, noise_field))
+        field_tok = torch.cat([coarse_tok[:, keep], editor.pack(noise_field.fine)[:, children]], 1)
         groups = len(keep) + torch.arange(len(children), device=x.device).view(-1, 4)
-        x = self._renoise(x, e1, self.starts()[1], field_tok, groups, field, salt=1)
+        x = self._renoise(x, e1, self.starts()[1], field_tok, groups, noise_field, salt=1)
         layout = Layout.mixed(expanded, align=self.align, ref_factor=self.ref_factor)
         return run(layout, x, sigmas, "mixed")
 
-    def _to_full(self, editor, field, x, v, expanded, sigmas, run) -> Tensor:
+    def _to_full(self, editor, noise_field, x, v, expanded, sigmas, run) -> Tensor:
         """Transition 2 -> 3 (expand the remaining coarse cells, back to raster order, re-noise), then stage 3."""
         gc, e2 = tuple(expanded.shape), self.ends[1]
         sigma = 1.0 - e2
@@ -279,15 +279,17 @@ class MixedResSampler:
             eps_tok = x.new_zeros(b, gc[0] * gc[1], c)
             eps_tok[:, keep] = (x[:, :n_keep].float() + (1 - sigma) * v[:, :n_keep].float()).to(x.dtype)
             eps = editor.unpack(eps_tok, gc)
-        fine = editor.pack(self.expander.expand(editor, editor.unpack(coarse, gc), sigma, eps, field))
+        fine = editor.pack(self.expander.expand(editor, editor.unpack(coarse, gc), sigma, eps, noise_field))
         fine[:, children] = x[:, n_keep:]
         _, replicated = mixed_indices(~expanded)  # the kept cells' children, 4 consecutive per cell
         groups = replicated.to(x.device).view(-1, 4)
-        x = self._renoise(fine, e2, self.starts()[2], editor.pack(field.fine), groups, field, salt=2)
+        x = self._renoise(
+            fine, e2, self.starts()[2], editor.pack(noise_field.fine), groups, noise_field, salt=2
+        )
         return run(Layout.full(editor.grid), x, sigmas, "full")[0]
 
-    def _renoise(self, x, e, s, field_tokens, groups, field: NoiseField, salt: int) -> Tensor:
-        fresh = lambda shape: field.fresh(shape, salt)
+    def _renoise(self, x, e, s, field_tokens, groups, noise_field: NoiseField, salt: int) -> Tensor:
+        fresh = lambda shape: noise_field.fresh(shape, salt)
         return self.renoise.renoise(x, Transition(e, s, self.z, field_tokens, groups, fresh))
 
 
@@ -332,14 +334,14 @@ class BottleneckSampler:
         if any(k < 1 for k in self.steps):
             raise ValueError(f"every Bottleneck stage needs at least one step, got {self.steps}")
 
-    def sample(self, editor, field: NoiseField, select=None, *, x0_init=None, callback=None,
+    def sample(self, editor, noise_field: NoiseField, select=None, *, x0_init=None, callback=None,
                progress=False) -> Trajectory:  # fmt: skip
         _no_init(x0_init, "BottleneckSampler")
-        traj, x0, p = Trajectory(latent=field.fine), None, editor.patch
+        traj, x0, p = Trajectory(latent=noise_field.fine), None, editor.patch
         for i, (n, f, w, shift) in enumerate(zip(self.steps, self.factors, self.strengths, self.shifts)):
             grid = scaled_grid(editor.grid, f)
             size = (p * grid[0], p * grid[1])
-            noise = field.at(size)
+            noise = noise_field.at(size)
             if x0 is None:
                 x = editor.pack(noise)
             else:

@@ -326,7 +326,7 @@ def _add_train_toy(sub) -> None:
     p.add_argument("--out", default=None, help="where to write the final weights (default: RUN/weights)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace another run's toy editor")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (250)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", type=v.device, default="cuda" if _cuda() else "cpu")
     p.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this many minutes, all "
                    "stages counted; SIGINT / SIGTERM also stop it resumably")  # fmt: skip
     p.add_argument("--background", action="store_true", help="run detached; progress goes to RUN/train.out")

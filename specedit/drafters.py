@@ -29,9 +29,9 @@ class LowResDrafter:
                 f"a draft needs factor >= 1 and at least one step, got {self.factor}, {self.steps}"
             )
 
-    def draft(self, editor, field: NoiseField, *, callback=None, progress: bool = False) -> Trajectory:
+    def draft(self, editor, noise_field: NoiseField, *, callback=None, progress: bool = False) -> Trajectory:
         grid = scaled_grid(editor.grid, self.factor)
-        noise = field.at((editor.patch * grid[0], editor.patch * grid[1]))
+        noise = noise_field.at((editor.patch * grid[0], editor.patch * grid[1]))
         layout = Layout.full(grid, ref_factor=self.factor)
         sigmas = flow_sigmas(self.steps, len(layout), editor.schedule).to(noise.device)
         traj = Trajectory(latent=noise)

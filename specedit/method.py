@@ -103,15 +103,15 @@ class SpecEdit:
         return self.drafter is not None and (self.verifier.needs_candidate or self.draft_reuse)
 
     def run(self, editor, seed: int, *, callback=None, progress: bool = False) -> EditResult:
-        field_, seconds, draft = _field(editor, seed), {}, None
+        noise_field, seconds, draft = _field(editor, seed), {}, None
         events: list[Event] = []
         if self.drafts:
-            d = self.drafter.draft(editor, field_, callback=callback, progress=progress)
+            d = self.drafter.draft(editor, noise_field, callback=callback, progress=progress)
             draft, events, seconds = d.latent, list(d.events), dict(d.seconds)
         select = self._selector(editor, draft, seconds)
         x0_init = draft if self.draft_reuse else None
         traj = self.sampler.sample(
-            editor, field_, select, x0_init=x0_init, callback=callback, progress=progress
+            editor, noise_field, select, x0_init=x0_init, callback=callback, progress=progress
         )
         return _result(traj, draft, events, seconds)
 

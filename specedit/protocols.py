@@ -66,7 +66,7 @@ class Editor(Protocol):
 class Drafter(Protocol):
     """Produce a complete low-resolution edit (the speculative draft)."""
 
-    def draft(self, editor: Editor, field: NoiseField, *, callback: Callback = None,
+    def draft(self, editor: Editor, noise_field: NoiseField, *, callback: Callback = None,
               progress: bool = False) -> Trajectory: ...  # fmt: skip
 
     def plan(self, shape: EditShape) -> list[Forward]: ...
@@ -96,7 +96,7 @@ class TokenExpander(Protocol):
     """Lift a coarse latent at noise level sigma to the 2x finer grid."""
 
     def expand(self, editor: Editor, coarse: Tensor, sigma: float, eps_hat: Tensor | None,
-               field: NoiseField) -> Tensor: ...  # fmt: skip
+               noise_field: NoiseField) -> Tensor: ...  # fmt: skip
 
 
 @runtime_checkable
@@ -116,7 +116,7 @@ class Sampler(Protocol):
     ``plan(shape, n_expanded, skip_first=...)``: the forwards of a run that expands ``n_expanded`` coarse cells.
     """
 
-    def sample(self, editor: Editor, field: NoiseField, select: Any, *, x0_init: Tensor | None = None,
+    def sample(self, editor: Editor, noise_field: NoiseField, select: Any, *, x0_init: Tensor | None = None,
                callback: Callback = None, progress: bool = False) -> Trajectory: ...  # fmt: skip
 
     def plan(self, shape: EditShape, n_expanded: int, *, skip_first: bool = False) -> list[Forward]: ...

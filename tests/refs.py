@@ -1,6 +1,6 @@
 """Test-side helpers: randomised reference models and an independent BFL -> diffusers key mapping.
 
-The mapping here is written from the spec table (research memo, models.md section 1.3) and is deliberately
+The mapping here is written from the spec table (the published FLUX key names of BFL and diffusers) and is deliberately
 separate from the library's diffusers -> BFL converter, so a BFL-file parity test does not reuse the code
 it checks.
 """

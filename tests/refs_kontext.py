@@ -1,7 +1,7 @@
 """Test-side helper: a tiny, complete FLUX.1-Kontext-dev repo folder in the official diffusers layout.
 
-``write_tiny_kontext_repo(root)`` writes what ``black-forest-labs/FLUX.1-Kontext-dev`` ships (research memo,
-models.md section 1.1), each component tiny and with every parameter randomised:
+``write_tiny_kontext_repo(root)`` writes what ``black-forest-labs/FLUX.1-Kontext-dev`` ships, each
+component tiny and with every parameter randomised:
 
     model_index.json, scheduler/scheduler_config.json (FLUX.1-dev's), transformer/ (FluxTransformer2DModel),
     vae/ (AutoencoderKL, FLUX style: no quant convs, official scale/shift), text_encoder/ (CLIPTextModel),

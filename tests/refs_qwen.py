@@ -1,6 +1,6 @@
 """Test-side helpers for the Qwen-Image family: tiny diffusers configs, image preprocessing, and a driver that
-runs the real diffusers edit pipelines on precomputed prompt embeddings (recipe of the research memo,
-tiny_reference_models.py: the module-level ``calculate_dimensions`` is patched to a small working area)."""
+runs the real diffusers edit pipelines on precomputed prompt embeddings (the module-level
+``calculate_dimensions`` is patched to a small working area)."""
 
 from __future__ import annotations
 

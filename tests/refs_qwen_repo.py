@@ -7,7 +7,7 @@
 working area: the pipelines hard-code about 1024^2 through their module-level ``calculate_dimensions``,
 which is patched to scale every area by ``area / 1024^2`` (refs_qwen's recipe). Its text encoder is wrapped
 (``MRopeTextEncoder``) so that transformers computes the real 3-D M-RoPE positions: diffusers 0.42.1 does
-not pass ``mm_token_type_ids`` and would silently use 1-D ones (research memo pitfall 5, diffusers #14194).
+not pass ``mm_token_type_ids`` and would silently use 1-D ones (diffusers issue #14194).
 """
 
 from __future__ import annotations

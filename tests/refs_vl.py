@@ -138,7 +138,7 @@ def build_tokenizer_files(root: Path, vocab_size: int = 400) -> dict[str, int]:
 def tiny_vl_kwargs(
     vocab: int = 512, ids: dict[str, int] | None = None, text: dict | None = None, vision: dict | None = None
 ) -> dict:
-    """transformers ``Qwen2_5_VLConfig`` kwargs of a tiny model (the research memo's recipe, section 7)."""
+    """transformers ``Qwen2_5_VLConfig`` kwargs of a tiny model ."""
     ids = ids or {
         "<|image_pad|>": vocab - 1,
         "<|video_pad|>": vocab - 2,
@@ -206,7 +206,7 @@ def tiny_vl_reference(seed: int = 0, **kw):
 def reference_states(ref, input_ids, attention_mask, pixel_values, image_grid_thw):
     """transformers' final-normed last layer with CORRECT 3-D positions: ``mm_token_type_ids`` is passed.
 
-    Without it transformers >= 5 falls back to 1-D positions (research memo pitfall 5)."""
+    Without it transformers >= 5 falls back to 1-D positions (diffusers issue #14194)."""
     mm = (input_ids == ref.config.image_token_id).int()
     out = ref(
         input_ids=input_ids,

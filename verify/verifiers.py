@@ -230,7 +230,8 @@ class CannyVerifier:
     The candidate (the coarse stage-1 estimate) is decoded as is, i.e. at half resolution. Gray is computed on
     the [-1, 1] decode without rescaling, then clipped to [0, 1] and scaled to 0..255 (RALU's quirk: everything
     below mid-grey is black). Edge pixels are counted per coarse cell; ``up_ratio`` of the cells with the most
-    edges are expanded (ties broken by a tiny seeded jitter).
+    edges are expanded (ties broken by a tiny seeded jitter, well below one edge pixel). low / high: the
+    Canny hysteresis thresholds on the 0..255 grey image (RALU's 100 and 200).
     """
 
     up_ratio: float = 0.3

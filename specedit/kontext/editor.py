@@ -35,18 +35,25 @@ from specedit.pipeline import check_references, packed_references
 @dataclass(frozen=True)
 class KontextCosts(Costs):
     """FLOPs of the work a Kontext edit records, from configs alone (works for meta-only budgets): a forward
-    runs the event's target tokens plus the reference at the event's ``ref_factor``, with ``text_tokens``."""
+    runs the event's target tokens plus every reference (the source, of the target's ``grid``, and the further
+    ``ref_grids``) at the event's ``ref_factor``, with ``text_tokens``, once per CFG branch (``branches``: 2
+    with true CFG, whose two branches run the same tokens)."""
 
     model: flux.FluxConfig
     vae: flux_ae.FluxAEConfig
     text_tokens: int
-    grid: tuple[int, int]  # fine token grid of the target (= the reference)
+    grid: tuple[int, int]  # fine token grid of the target (= the source reference)
+    ref_grids: tuple[tuple[int, int], ...] = ()  # further references
+    branches: int = 1
 
     vae_class = flux_ae.AutoEncoder
 
     def forward(self, work: Forward) -> float:
-        rh, rw = scaled_grid(self.grid, work.ref_factor)
-        return flux.flops(self.model, work.n_target + rh * rw, self.text_tokens, work.batch)["total"]
+        refs = sum(
+            g[0] * g[1] for g in (scaled_grid(r, work.ref_factor) for r in (self.grid, *self.ref_grids))
+        )
+        one = flux.flops(self.model, work.n_target + refs, self.text_tokens, work.batch)["total"]
+        return self.branches * one
 
 
 @dataclass(eq=False)
@@ -75,6 +82,8 @@ class KontextEditor:
     ref_method: str = "offset"
     _refs: dict = field(default_factory=dict, repr=False)
 
+    patch = 2  # FLUX packs 2 x 2 latent pixels per token
+
     def __post_init__(self):
         H, W = self.source.shape[-2:]
         if H % 4 or W % 4:
@@ -82,7 +91,11 @@ class KontextEditor:
         self.refs = tuple(self.refs)
         self._check_conditioning()
         self.grid = (H // 2, W // 2)
-        self.costs = KontextCosts(self.model.config, self.ae.config, self.txt.shape[1], self.grid)
+        ref_grids = tuple((r.shape[-2] // 2, r.shape[-1] // 2) for r in self.refs)
+        branches = 1 if self.neg_txt is None else 2
+        self.costs = KontextCosts(
+            self.model.config, self.ae.config, self.txt.shape[1], self.grid, ref_grids, branches
+        )
 
     def _check_conditioning(self) -> None:
         check_references(self.refs, self.source)
@@ -126,8 +139,6 @@ class KontextEditor:
 
     def decode(self, latent: Tensor) -> Tensor:
         return self.ae.decode(latent)
-
-    patch = 2  # FLUX packs 2 x 2 latent pixels per token
 
     def pack(self, latent: Tensor) -> Tensor:
         return pack(latent)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from specedit import validate as v
 from specedit.toy import atomic
 from specedit.toy import evaluate as ev
 
@@ -39,10 +40,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", default=None, help="toy editor folder (default: the shipped specedit/toy/weights)"
     )
-    p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
+    p.add_argument(
+        "--device", type=v.device, default=None, help="default: cuda (this rank's GPU) if available, else cpu"
+    )
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default on the CPU: 1, "
-                   "the fastest for this small model on a shared machine; more on an idle many-core one)")  # fmt: skip
+    p.add_argument("--threads", type=v.positive_int, default=None,
+                   help="CPU threads per process (default on the CPU: 1, the fastest for this small model on a "
+                   "shared machine; more on an idle many-core one)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -100,8 +104,8 @@ def _eval(a: argparse.Namespace) -> None:
     )
     print(ev.format_table(out["rows"], ev.EVAL_COLUMNS, title=title))
     print()
-    for k, v in out["paths"].items():
-        print(f"{k}: {v}")
+    for name, path in out["paths"].items():
+        print(f"{name}: {path}")
     if out["note"]:
         print(f"note: {out['note']}")
 

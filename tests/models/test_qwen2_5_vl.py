@@ -1,7 +1,7 @@
 """Qwen2.5-VL encoder: transformers parity on tiny random configs (real 3-D M-RoPE), loading, config, FLOPs.
 
 The references get ``mm_token_type_ids``: without them transformers >= 5 silently uses 1-D positions for the
-image tokens (research memo, pitfall 5), and the comparison would check the wrong thing.
+image tokens (diffusers issue #14194), and the comparison would check the wrong thing.
 """
 
 import json
@@ -369,8 +369,8 @@ def test_analytic_flops_match_flop_counter(grids):
 
 
 def test_full_size_flops():
-    """One 1024^2 image (74 x 74 patches) + 64 + 1376 + 24 LLM tokens: ViT ~7.70 + LLM 19.97 TFLOPs (memo
-    section 6, which counts border windows unpadded: 7.700; we count the executed padded windows: 7.711)."""
+    """One 1024^2 image (74 x 74 patches) + 64 + 1376 + 24 LLM tokens: ViT ~7.70 + LLM 19.97 TFLOPs
+    (7.700 counting border windows unpadded; we count the executed padded windows: 7.711)."""
     f = flops(QWEN25VL_7B, 64 + 1376 + 24, [(1, 74, 74)])
     assert abs(f["vit"] / 1e12 - 7.70) < 0.015 and abs(f["llm"] / 1e12 - 19.97) < 0.005
     assert _count_on_meta(QWEN25VL_7B, 64 + 1376 + 24, [(1, 74, 74)]) == f["total"]

@@ -245,6 +245,10 @@ def test_full_size_keys_match_official(preset):
 
     assert config_from_diffusers(fixture["config"]) == QWEN_IMAGE_EDIT
     assert config_from_diffusers({**fixture["config"], "zero_cond_t": True}) == QWEN_IMAGE_EDIT_2511
+    # out_channels as diffusers reads it: a missing key is its default 16, an explicit null is in_channels
+    without = {k: v for k, v in fixture["config"].items() if k != "out_channels"}
+    assert config_from_diffusers(without).out_channels == 16
+    assert config_from_diffusers({**without, "in_channels": 64, "out_channels": None}).out_channels == 64
 
 
 def _count_on_meta(cfg: QwenImageConfig, n_img: int, n_txt: int, batch: int, masked: bool) -> int:
@@ -274,7 +278,7 @@ def test_analytic_flops_match_flop_counter(preset, n_img, n_txt, batch, masked):
 
 
 def test_full_size_flops_on_meta():
-    """198.236 TFLOPs per forward at 1024^2 target + 1024^2 reference + 1400 text tokens (models.md 6)."""
+    """198.236 TFLOPs per forward at 1024^2 target + 1024^2 reference + 1400 text tokens."""
     analytic = flops(QWEN_IMAGE_EDIT, 8192, 1400)
     assert round(analytic["total"] / 1e12, 3) == 198.236
     assert round(analytic["attention"] / 1e12, 2) == 67.83

@@ -86,7 +86,7 @@ def test_decoder_features_stop_early_and_shapes():
     feats = vae.decoder_features(z)  # default taps conv_in, mid, up0
     assert list(feats) == ["conv_in", "mid", "up0"]
     assert feats["conv_in"].shape == (1, 64, 6, 10) and feats["up0"].shape == (1, 32, 12, 20)
-    # full-size widths (models.md 3.2): up0 = 192 x 2h x 2w
+    # full-size widths: up0 = 192 x 2h x 2w
     meta = build_on_meta(lambda: QwenImageVAE(QWEN_IMAGE_VAE))
     out = meta.decoder_features(torch.empty(1, 16, 8, 8, device="meta"), taps=("up0", "up2"))
     assert out["up0"].shape == (1, 192, 16, 16) and out["up2"].shape == (1, 96, 64, 64)

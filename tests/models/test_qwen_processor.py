@@ -2,7 +2,7 @@
 encoding parity with diffusers' Edit / Edit-2509 pipelines, on tokenizer files built by the tests.
 
 About the diffusers comparison: diffusers 0.42.1 calls the text encoder without ``mm_token_type_ids``, so
-transformers 5.24 gives the image tokens 1-D positions (research memo, pitfall 5; diffusers #14194). Our
+transformers 5.24 gives the image tokens 1-D positions (diffusers issue #14194). Our
 encoder implements the real 3-D M-RoPE, so the pipelines' own output is *not* the target. The pipelines run
 here with the text encoder wrapped (``MRopeTextEncoder``) to add ``mm_token_type_ids``; everything else -
 template, processor, ``<|image_pad|>`` expansion, drop-64, per-prompt extraction with the attention mask and

@@ -35,7 +35,7 @@ def test_pooling_normalisation_dilation():
 
 def test_uniform_set():
     u = uniform_cells((32, 32), 3, 1, "cpu")
-    assert int(u.sum()) == 121  # 11.8 % at 1024^2, as the memo counts
+    assert int(u.sum()) == 121  # 11.8 % at 1024^2, the paper's uniform set (k = 3)
     assert int(uniform_cells((32, 32), 2, 1, "cpu").sum()) == 256
 
 
