@@ -165,6 +165,10 @@ def _edit(a: argparse.Namespace) -> dict:
     fam = get_family(a.model)
     if a.method != "baseline":
         presets.get(a.method, fam)  # an unknown method fails before any loading
+    from models.imageio import load_image
+
+    for path in a.image:  # unreadable or truncated images fail here, before any weight is loaded
+        load_image(path)
     v.check_output_file(a.out, a.image, overwrite=a.overwrite)
     if a.save_mask:
         v.check_output_file(a.save_mask, [*a.image, a.out], overwrite=a.overwrite)

@@ -78,6 +78,8 @@ def itemize(events: list[Event], cost) -> dict[str, float]:
 def _field(editor, seed: int) -> NoiseField:
     """The edit's noise field, after checking the source latent is finite (a NaN would flow to a black image)."""
     src = editor.source
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**64 - 1:
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     if not bool(torch.isfinite(src).all()):
         raise ValueError(f"the source latent {tuple(src.shape)} contains NaN or inf: check the input image")
     return NoiseField.sample(tuple(src.shape), seed, device=src.device, dtype=src.dtype)

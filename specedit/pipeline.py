@@ -32,6 +32,7 @@ Shape legend: b batch, z latent channels, h w latent pixels, H W image pixels, l
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -399,6 +400,21 @@ def check_references(refs: Sequence[Tensor], source: Tensor) -> None:
     for i, r in enumerate(refs):
         if r.ndim != 4 or r.shape[1] != z or r.shape[0] not in (1, b) or r.shape[-1] % 2 or r.shape[-2] % 2:
             raise ValueError(f"refs[{i}] must be (1 or {b}, {z}, even, even), got {tuple(r.shape)}")
+
+
+def check_inputs(model: torch.nn.Module, source: Tensor, tensors: dict, scalars: dict) -> None:
+    """Raise, naming the input, unless every tensor and number is finite and the source latent has the
+    transformer's dtype (the noise follows the source; mixing dtypes fails deep inside a matmul)."""
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} {tuple(t.shape)} contains NaN or inf")
+    for name, x in scalars.items():
+        if not math.isfinite(x):
+            raise ValueError(f"{name} must be finite, got {x}")
+    dtype = next(model.parameters()).dtype
+    if source.dtype != dtype:
+        raise ValueError(f"the source latent is {source.dtype} but the transformer's weights are {dtype}: "
+                         f"cast one to the other")  # fmt: skip
 
 
 def packed_references(latents: Sequence[Tensor], factor: float, batch: int) -> tuple[Tensor, tuple]:

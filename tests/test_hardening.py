@@ -20,6 +20,7 @@ CLI_CASES = {
     "edit --seed 2**70": ("edit --image {img} --prompt p --out {out} --seed 1180591620717411303424", "must be in [0, 2**64 - 1]"),
     "edit --area 0": ("edit --model qwen-image-edit --image {img} --prompt p --out {out} --area 0", "argument --area: must be >= 1, got 0"),
     "edit missing image": ("edit --image {tmp}/none.png --prompt p --out {out}", "no such file: "),
+    "edit a text file named .png, before loading": ("edit --image {txt} --prompt p --out {out} --weights {tmp}", "is not a readable image"),
     "edit --out equal to --image": ("edit --image {img} --prompt p --out {img} --weights {tmp}", "is the input file"),
     "edit --out exists": ("edit --image {img} --prompt p --out {old} --weights {tmp}", "exists: pass --overwrite"),
     "edit --save-mask equal to --out": ("edit --image {img} --prompt p --out {out} --save-mask {out} --weights {tmp}",
@@ -29,6 +30,9 @@ CLI_CASES = {
 }  # fmt: skip
 ELSEWHERE = {
     "NaN/inf image tensors": "tests/models/test_imageio.py (check_finite)",
+    "NaN text states / guidance, bf16 inputs to an fp32 model": "tests/specedit/kontext/test_kontext_editor.py",
+    "NaN in the source latent; NaN during sampling (stage and step named)": "tests/specedit/test_conformance.py",
+    "train-toy counts/paths/--overwrite, kills and resume; eval resume; demo stale panels": "tests/specedit/toy/",
     "EXIF orientation, 16-bit and float images, RGBA": "tests/models/test_imageio.py",
     "text file named .png, truncated PNG": "tests/models/test_imageio.py",
     "aliasing / reversed / out-of-range offsets, byte length, int32 for float": "tests/models/test_loading.py",
@@ -42,11 +46,12 @@ ELSEWHERE = {
 def test_cli_case(case, tmp_path, capsys):
     from PIL import Image
 
-    img, old = tmp_path / "in.png", tmp_path / "old.png"
+    img, old, txt = tmp_path / "in.png", tmp_path / "old.png", tmp_path / "notes.png"
+    txt.write_text("not an image")
     Image.new("RGB", (64, 64)).save(img)
     Image.new("RGB", (64, 64)).save(old)
     argv, message = CLI_CASES[case]
-    argv = argv.format(img=img, out=tmp_path / "out.png", old=old, tmp=tmp_path)
+    argv = argv.format(img=img, out=tmp_path / "out.png", old=old, tmp=tmp_path, txt=txt)
     assert main(argv.split()) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
@@ -66,8 +71,19 @@ def test_cli_case(case, tmp_path, capsys):
     ],
 )  # fmt: skip
 def test_bad_part_fields(build, message):
+    """Parts validate their fields when built, so a bad ablation fails before any run."""
     from specedit.drafters import LowResDrafter  # noqa: F401
     from verify.verifiers import CannyVerifier, FeatureVerifier, VarianceVerifier  # noqa: F401
 
     with pytest.raises(ValueError, match=message):
         eval(build)
+
+
+def test_seed_out_of_range_in_the_api():
+    from specedit.kontext.family import tiny_editor
+    from specedit.presets import get
+
+    with pytest.raises(
+        ValueError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\], got 1180591620717411303424"
+    ):
+        get("steps-9", "kontext").run(tiny_editor(), seed=2**70)

@@ -29,7 +29,7 @@ from models.work import Costs, Forward, VaeWork
 from samplers.guidance import cfg
 from samplers.layout import Layout, scaled_grid
 from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule
-from specedit.pipeline import check_references, packed_references
+from specedit.pipeline import check_inputs, check_references, packed_references
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,17 @@ class KontextEditor:
 
     def _check_conditioning(self) -> None:
         check_references(self.refs, self.source)
+        tensors = {
+            "txt": self.txt,
+            "y": self.y,
+            "source": self.source,
+            "neg_txt": self.neg_txt,
+            "neg_y": self.neg_y,
+        }
+        tensors.update({f"refs[{i}]": r for i, r in enumerate(self.refs)})
+        check_inputs(
+            self.model, self.source, tensors, {"guidance": self.guidance, "cfg_scale": self.cfg_scale}
+        )
         if (self.neg_txt is None) != (self.neg_y is None):
             raise ValueError(
                 "give both neg_txt and neg_y (the negative prompt's T5 and CLIP states) or neither"

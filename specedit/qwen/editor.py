@@ -35,7 +35,7 @@ from models.work import Costs, Forward, VaeWork
 from samplers.guidance import Prompt, guided_denoiser
 from samplers.layout import Layout, scaled_grid
 from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule
-from specedit.pipeline import check_references, packed_references
+from specedit.pipeline import check_inputs, check_references, packed_references
 
 Grid = tuple[int, int]
 
@@ -110,6 +110,9 @@ class QwenEditor:
             raise ValueError(f"source latent {H}x{W} must be a multiple of 4 (even token grid)")
         self.refs = tuple(self.refs)
         check_references(self.refs, self.source)
+        tensors = {"txt": self.txt, "neg_txt": self.neg_txt, "source": self.source}
+        tensors.update({f"refs[{i}]": r for i, r in enumerate(self.refs)})
+        check_inputs(self.model, self.source, tensors, {"cfg_scale": self.cfg_scale})
         for name, t, m in (("txt", self.txt, self.txt_mask), ("neg_txt", self.neg_txt, self.neg_mask)):
             if t is None:
                 if m is not None:

@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from samplers.mixed_res import sync
 from specedit.presets import methods
 from specedit.toy import atomic, metrics
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, Example, make_example
@@ -149,11 +150,6 @@ def load_toy(weights: str | os.PathLike | None = None, *, device="cpu", dtype=to
 
 
 # ----------------------------------------------------------------------------------------------- running
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def to_uint8(image: Tensor) -> np.ndarray:
     """(3, H, W) or (1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
     image = image[0] if image.ndim == 4 else image
@@ -175,15 +171,14 @@ def run_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, warmup:
     """Edit ``case`` with every method of ``named`` ({name: method}); each ``method.run`` is timed
     (device-synchronised). Returns the outcomes and the editor adapter (for costs)."""
     ed = toy.editor([case.example.source], case.example.instruction)
-    device = ed.source.device
     if warmup:  # first-call allocations and kernel selection out of the timed runs
         all_methods()["steps-9"].run(ed, case.seed)
     out = {}
     for name, method in named.items():
-        _sync(device)
+        sync(ed.source)
         t0 = time.perf_counter()
         result = method.run(ed, case.seed)
-        _sync(device)
+        sync(ed.source)
         seconds = time.perf_counter() - t0
         out[name] = Outcome(ed.decode(result.latent).clamp(-1, 1), result, seconds)
         if log:

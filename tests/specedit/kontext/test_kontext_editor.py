@@ -2,13 +2,14 @@
 
 import math
 
+import pytest
 import torch
 
 from models import flux, flux_ae
 from models.packing import grid_ids
 from models.work import Forward, VaeWork
 from samplers.layout import Layout, mixed_indices
-from specedit.kontext import KontextCosts
+from specedit.kontext import KontextCosts, KontextEditor
 from specedit.kontext.family import tiny_editor
 
 
@@ -37,3 +38,18 @@ def test_full_size_costs():
     decode = costs.cost(VaeWork("decode", (128, 128)))
     feats = costs.cost(VaeWork("features", (128, 128), ("conv_in", "mid", "up0"), count=2))
     assert 0 < feats < 2 * decode
+
+
+def test_bad_inputs_are_named_before_any_work():
+    ed = tiny_editor()
+    nan_txt = ed.txt.clone()
+    nan_txt[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"txt \(1, 5, \d+\) contains NaN or inf"):
+        KontextEditor(ed.model, ed.ae, nan_txt, ed.y, ed.source)
+    with pytest.raises(ValueError, match="guidance must be finite, got nan"):
+        KontextEditor(ed.model, ed.ae, ed.txt, ed.y, ed.source, guidance=float("nan"))
+    with pytest.raises(
+        ValueError,
+        match="the source latent is torch.bfloat16 but the transformer's weights are torch.float32",
+    ):
+        KontextEditor(ed.model, ed.ae, ed.txt, ed.y, ed.source.bfloat16())
