@@ -411,7 +411,7 @@ def check_inputs(model: torch.nn.Module, source: Tensor, tensors: dict, scalars:
     for name, x in scalars.items():
         if not math.isfinite(x):
             raise ValueError(f"{name} must be finite, got {x}")
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.parameters(), source).dtype
     if source.dtype != dtype:
         raise ValueError(f"the source latent is {source.dtype} but the transformer's weights are {dtype}: "
                          f"cast one to the other")  # fmt: skip
