@@ -296,17 +296,18 @@ def _train_toy(a: argparse.Namespace) -> dict:
     }
     if a.background:
         return launch_background(a.argv, Path(a.run))
-    bar = None
-    if not a.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="train-toy", unit="step")
+    bars = []  # the progress bar opens with the first logged step, so a bad setting prints only its error
 
     def log(entry: dict) -> None:
-        if bar is not None:
-            bar.set_description(f"{entry['stage']} {entry['step']}")
-            bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            bar.update(1)
+        if a.quiet:
+            return
+        if not bars:
+            from tqdm.auto import tqdm
+
+            bars.append(tqdm(desc="train-toy", unit="step"))
+        bars[0].set_description(f"{entry['stage']} {entry['step']}")
+        bars[0].set_postfix(loss=f"{entry['loss']:.4f}")
+        bars[0].update(1)
 
     if a.res_probs:
         overrides["res_probs"] = tuple(float(x) for x in a.res_probs.split(","))
