@@ -3,9 +3,12 @@
 from samplers.flow import Denoiser, euler_step, noise_like, sample, x0_estimate
 from samplers.schedules import (
     FLUX_SCHEDULE,
+    LIGHTNING_SCHEDULE,
     QWEN_SCHEDULE,
+    SCHEDULES,
     ShiftSchedule,
     flow_sigmas,
+    load_schedule,
     shifted_range,
     time_shift,
 )
@@ -17,7 +20,10 @@ __all__ = [
     "sample",
     "x0_estimate",
     "FLUX_SCHEDULE",
+    "LIGHTNING_SCHEDULE",
     "QWEN_SCHEDULE",
+    "SCHEDULES",
+    "load_schedule",
     "ShiftSchedule",
     "flow_sigmas",
     "shifted_range",

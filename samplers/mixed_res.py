@@ -29,7 +29,7 @@ from samplers.expand import CoherentField, HaarExpander, Transition, rewind
 from samplers.field import NoiseField, area_resize
 from samplers.flow import sample
 from samplers.layout import Layout, mixed_indices, scaled_grid
-from samplers.schedules import flow_sigmas, shifted_range
+from samplers.schedules import ShiftSchedule, flow_sigmas, shifted_range
 
 Grid = tuple[int, int]
 
@@ -101,9 +101,14 @@ def _no_init(x0_init, name: str) -> None:
 
 @dataclass(frozen=True)
 class FullResSampler:
-    """The model's own schedule at full resolution: the baseline, and step reduction with fewer steps."""
+    """The model's own schedule at full resolution: the baseline, and step reduction with fewer steps.
+
+    schedule: the schedule to sample on instead of the editor's (a step-distilled model's own, e.g.
+    ``samplers.schedules.LIGHTNING_SCHEDULE``); None: the editor's.
+    """
 
     steps: int = 50
+    schedule: ShiftSchedule | None = None
 
     def __post_init__(self):
         if self.steps < 1:
@@ -113,7 +118,8 @@ class FullResSampler:
                progress=False) -> Trajectory:  # fmt: skip
         _no_init(x0_init, "FullResSampler")
         layout = Layout.full(editor.grid)
-        sigmas = flow_sigmas(self.steps, len(layout), editor.schedule).to(noise_field.fine.device)
+        schedule = self.schedule or editor.schedule
+        sigmas = flow_sigmas(self.steps, len(layout), schedule).to(noise_field.fine.device)
         traj = Trajectory(latent=noise_field.fine)
         x, _ = sample_stage(editor, layout, editor.pack(noise_field.fine), sigmas, "full", traj=traj,
                             callback=callback, progress=progress)  # fmt: skip

@@ -8,7 +8,7 @@ from models.work import EditShape, Forward
 from samplers.field import NoiseField
 from samplers.layout import Layout, scaled_grid
 from samplers.mixed_res import Trajectory, sample_stage
-from samplers.schedules import flow_sigmas
+from samplers.schedules import ShiftSchedule, flow_sigmas
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class LowResDrafter:
 
     factor: float = 4
     steps: int = 8
+    schedule: ShiftSchedule | None = None  # None: the editor's; a step-distilled model's own schedule
 
     def __post_init__(self):
         if not self.factor >= 1 or self.steps < 1:  # also rejects a NaN factor
@@ -33,7 +34,7 @@ class LowResDrafter:
         grid = scaled_grid(editor.grid, self.factor)
         noise = noise_field.at((editor.patch * grid[0], editor.patch * grid[1]))
         layout = Layout.full(grid, ref_factor=self.factor)
-        sigmas = flow_sigmas(self.steps, len(layout), editor.schedule).to(noise.device)
+        sigmas = flow_sigmas(self.steps, len(layout), self.schedule or editor.schedule).to(noise.device)
         traj = Trajectory(latent=noise)
         x, _ = sample_stage(editor, layout, editor.pack(noise), sigmas, "draft", traj=traj, callback=callback,
                             progress=progress)  # fmt: skip

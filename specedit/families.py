@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from models.packing import grid_of
@@ -35,6 +37,37 @@ class ModelEntry:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Distilled:
+    """A family's step-distilled weights (e.g. Lightning LoRAs) and how its presets run them.
+
+    steps: preset NFE -> the step count the weights were distilled for (the draft of ``specedit-distill-N``
+    runs that many steps). schedule: the schedule the weights were distilled on (None: the base model's).
+    cfg_scale: the classifier-free guidance scale they expect (1.0: CFG off; None: the family's default).
+    pattern: a regular expression that recognises these weights in a LoRA file name, its first group the
+    step count (``match``). source: where the published files are (a hub repo or a path), for the docs and
+    errors.
+    """
+
+    steps: Mapping[int, int]
+    schedule: ShiftSchedule | None = None
+    cfg_scale: float | None = None
+    pattern: str | None = None
+    source: str | None = None
+
+    def __post_init__(self):
+        for nfe, n in self.steps.items():
+            if nfe < 1 or n < 1:
+                raise ValueError(f"Distilled.steps must map positive NFE to positive step counts, got {nfe}: {n}")
+        if self.cfg_scale is not None and not self.cfg_scale >= 1.0:
+            raise ValueError(f"Distilled.cfg_scale must be >= 1 (1 = CFG off), got {self.cfg_scale}")
+
+    def match(self, filename: str) -> int | None:
+        """The distilled step count named by a LoRA ``filename`` these weights are (None: not recognised)."""
+        hit = re.search(self.pattern, Path(filename).name) if self.pattern else None
+        return int(hit.group(1)) if hit else None
+
+
 @dataclass(frozen=True, eq=False)
 class Family:
     """One editor family.
@@ -50,7 +83,8 @@ class Family:
     tiny_editor(batch=1, seed=0): a tiny random editor (conformance tests). random_editor(config, height, width,
     *, device, dtype, seed): an editor with random weights at a named size of ``bench_configs`` (latency).
     flops_report(**options): the ``specedit flops`` report of a plain baseline edit. pipeline: the end-to-end
-    pipeline class (None: adapter only).
+    pipeline class (None: adapter only). distilled: the family's step-distilled weights (:class:`Distilled`;
+    None: no ``distilled-N`` / ``specedit-distill-N`` presets).
     """
 
     name: str
@@ -71,6 +105,7 @@ class Family:
     bench_configs: tuple[str, ...] = ()
     flops_report: Callable[..., dict] | None = None
     pipeline: Any = None
+    distilled: Distilled | None = None
 
     def __post_init__(self):
         if self.patch < 1 or self.vae_factor < 1 or self.fit_tokens < 1:

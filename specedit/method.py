@@ -85,6 +85,14 @@ def _field(editor, seed: int) -> NoiseField:
     return NoiseField.sample(tuple(src.shape), seed, device=src.device, dtype=src.dtype)
 
 
+WEIGHTS = ("base", "distilled")
+
+
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+
+
 @dataclass(frozen=True)
 class SpecEdit:
     """Draft -> verify -> mixed-resolution sampling.
@@ -92,12 +100,19 @@ class SpecEdit:
     drafter: None skips the draft; the verifier then judges the coarse stage-1 estimate ("w/o draft").
     draft_reuse: beyond the paper, off by default: the draft's clean estimate, noised on the field to the
     end of stage 1, seeds the main trajectory and stage 1's steps are skipped.
+    weights: the weights the configuration is made for (``WEIGHTS``): "base", or "distilled" (a
+    step-distilled model, e.g. the base model with a Lightning LoRA fused); pipelines refuse a "distilled"
+    method on base weights.
     """
 
     drafter: Any
     verifier: Any
     sampler: Any
     draft_reuse: bool = False
+    weights: str = "base"
+
+    def __post_init__(self):
+        check_weights(self.weights)
 
     @property
     def drafts(self) -> bool:
@@ -146,9 +161,14 @@ class SpecEdit:
 
 @dataclass(frozen=True)
 class Baseline:
-    """Sampling with no verification: the 50-step baseline, step reduction, Bottleneck Sampling."""
+    """Sampling with no verification: the 50-step baseline, step reduction, Bottleneck Sampling, and a
+    step-distilled model's own few-step sampling (``weights``: see :class:`SpecEdit`)."""
 
     sampler: Any
+    weights: str = "base"
+
+    def __post_init__(self):
+        check_weights(self.weights)
 
     def run(self, editor, seed: int, *, callback=None, progress: bool = False) -> EditResult:
         traj = self.sampler.sample(editor, _field(editor, seed), None, callback=callback, progress=progress)

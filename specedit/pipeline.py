@@ -54,7 +54,6 @@ from samplers.field import NoiseField, area_resize
 from samplers.guidance import Prompt, pad_prompts
 from samplers.layout import scaled_grid
 from samplers.mixed_res import FullResSampler, sync
-from samplers.schedules import ShiftSchedule
 from specedit.method import Baseline, EditResult
 from specedit.viz import mask_overlay
 
@@ -297,42 +296,6 @@ def component_config(file: Path, root: Path | None, folder: str) -> dict:
     raise FileNotFoundError(
         f"{file} is a single weights file with no config.json beside it nor in {root}/{folder}/: put the "
         "component's config.json next to it"
-    )
-
-
-_SCHEDULER_FLAGS = (
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "invert_sigmas",
-    "stochastic_sampling",
-)
-
-
-def read_schedule(path: Path | None, default: ShiftSchedule) -> ShiftSchedule:
-    """The shift schedule of a diffusers ``FlowMatchEulerDiscreteScheduler`` ``scheduler_config.json``
-    (``default`` when there is no file). Both families' releases use dynamic exponential shifting; missing
-    keys take the scheduler's defaults (base/max sequence 256/4096, base/max shift 0.5/1.15). Invalid JSON
-    raises a ValueError naming the file, line and column."""
-    if path is None or not path.is_file():
-        return default
-    c = read_config(path)
-    if not c.get("use_dynamic_shifting", False) or c.get("time_shift_type", "exponential") != "exponential":
-        raise ValueError(
-            f"{path}: only dynamic exponential shifting is supported (use_dynamic_shifting true, "
-            "time_shift_type 'exponential')"
-        )
-    for flag in _SCHEDULER_FLAGS:
-        if c.get(flag, False):
-            raise ValueError(
-                f"{path} sets {flag}=true, which the FLUX.1-Kontext and Qwen-Image-Edit pipelines never do"
-            )
-    return ShiftSchedule(
-        base_seq_len=c.get("base_image_seq_len", 256),
-        max_seq_len=c.get("max_image_seq_len", 4096),
-        base_shift=c.get("base_shift", 0.5),
-        max_shift=c.get("max_shift", 1.15),
-        shift_terminal=c.get("shift_terminal"),
     )
 
 

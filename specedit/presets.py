@@ -4,6 +4,13 @@
 the family's NT-DM-fitted stage shifts and rewind Z, and its draft and verifier; the baselines are the same
 for every family. There is no default family.
 
+Step-distilled models (a family's ``distilled`` record): ``distilled-N`` samples N steps on the distilled
+schedule; ``specedit-distill-N`` splits N into (coarse, mixed, full) steps by ``DISTILL_SPLITS`` and walks the
+distilled N-step schedule's own sigma points (see :func:`distill_sampler`); its draft runs the distilled
+weights' own step count on their schedule. Both expect the distilled weights (``weights="distilled"``).
+The splits reproduce the paper's FLOPs for SpecEdit + step distillation on FLUX.1-Kontext (Table 7: 9.68x at
+8 NFE, 13.03x at 6, with an 8-step draft).
+
 Stage splits (``SPLITS``) are chosen so that 30/18/11/9 NFE reproduce the paper's FLOPs at an expanded fraction
 of about 25 % (the paper gives the NFE and FLOPs, not the split). RALU's presets are its own released ones;
 Bottleneck Sampling's splits scale its paper's FLUX.1-dev split (6, 20, 8) of 34 steps to 30 and 18 NFE.
@@ -15,6 +22,7 @@ from dataclasses import replace
 
 from samplers.expand import RaluCorrelated, ReplicateExpander
 from samplers.mixed_res import BottleneckSampler, FullResSampler, MixedResSampler
+from samplers.schedules import flow_sigmas
 from specedit.families import Family, get_family
 from specedit.method import Baseline, SpecEdit
 from verify.verifiers import CannyVerifier, VarianceVerifier
@@ -26,6 +34,7 @@ SPLITS = {30: ((4, 18, 8), (0.3, 0.65)), 18: ((5, 8, 5), (0.3, 0.6)), 11: ((3, 3
 RALU = {"4x": ((5, 6, 7), (0.3, 0.45), (5.019, 2.589, 2.226), 6.317, 0.3),
         "7x": ((2, 3, 5), (0.2, 0.3), (8.141, 2.856, 2.193), 6.261, 0.1)}  # fmt: skip
 BOTTLENECK = {30: (5, 18, 7), 18: (3, 10, 5)}
+DISTILL_SPLITS = {8: (1, 4, 3), 6: (1, 3, 2), 4: (1, 2, 1)}  # NFE -> (N1, N2, N3) on a distilled model
 FRESCO_FRACTION = 0.25  # Fresco's variance selection at the expanded fraction the SpecEdit presets assume
 
 
@@ -40,6 +49,39 @@ def specedit_sampler(nfe: int, family: str | Family, *, free: bool = False) -> M
 def specedit(nfe: int, family: str | Family) -> SpecEdit:
     fam = get_family(family)
     return SpecEdit(drafter=fam.drafter, verifier=fam.verifier, sampler=specedit_sampler(nfe, fam))
+
+
+def distill_sampler(nfe: int, family: str | Family) -> MixedResSampler:
+    """SpecEdit's stages on a step-distilled model: they visit exactly the sigmas of its ``nfe``-step schedule.
+
+    A distilled student is accurate at the sigmas it was distilled on, so the rule is: stage boundaries sit at
+    the schedule's points after N1 and N1 + N2 steps, every stage's shift is the schedule's own shift h at the
+    fit size (``ShiftSchedule.shift``; uniform steps in u = sigma / (h - (h - 1) sigma) then reproduce its
+    points), and transitions re-noise without a rewind (Z = 1), which would move every later step off them.
+    Exact for a fixed shift (Lightning) and, for a dynamic shift, at the fit size (1024^2 for the built-in
+    families); a schedule with a terminal stretch is only approximated.
+    """
+    fam = get_family(family)
+    schedule = (fam.distilled.schedule if fam.distilled else None) or fam.schedule
+    n1, n2, n3 = DISTILL_SPLITS[nfe]
+    sigmas = flow_sigmas(nfe, fam.fit_tokens, schedule).tolist()
+    h = schedule.shift(fam.fit_tokens)
+    ends = (1.0 - sigmas[n1], 1.0 - sigmas[n1 + n2])
+    return MixedResSampler(steps=(n1, n2, n3), ends=ends, shifts=(h, h, h), z=1.0)
+
+
+def distilled_methods(fam: Family) -> dict[str, object]:
+    """``distilled-N`` and ``specedit-distill-N`` for each NFE of the family's distilled record."""
+    d = fam.distilled
+    out: dict[str, object] = {}
+    for nfe in d.steps if d else ():
+        out[f"distilled-{nfe}"] = Baseline(FullResSampler(nfe, schedule=d.schedule), weights="distilled")
+    for nfe in d.steps if d else ():
+        if nfe in DISTILL_SPLITS:
+            drafter = replace(fam.drafter, steps=d.steps[nfe], schedule=d.schedule)
+            sampler = distill_sampler(nfe, fam)
+            out[f"specedit-distill-{nfe}"] = SpecEdit(drafter, fam.verifier, sampler, weights="distilled")
+    return out
 
 
 def ralu(level: str) -> SpecEdit:
@@ -67,6 +109,7 @@ def methods(family: str | Family) -> dict[str, object]:
         out[f"bottleneck-{n}"] = Baseline(BottleneckSampler(steps=BOTTLENECK[n]))
     if 18 in fitted:
         out.update(ablations(fam, out["specedit-18"]))
+    out.update(distilled_methods(fam))
     return out
 
 

@@ -43,7 +43,7 @@ from models.flux_kontext import REFERENCE_METHODS, preferred_resolution
 from models.t5 import T5Encoder, load_t5
 from models.tokenization import TextTokenizer, load_clip_tokenizer, load_t5_tokenizer
 from samplers.mixed_res import sync
-from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule
+from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule, read_schedule
 from specedit.kontext.editor import KontextEditor
 from specedit.pipeline import (
     Component,
@@ -57,7 +57,6 @@ from specedit.pipeline import (
     image_size,
     model_source,
     open_image,
-    read_schedule,
     resolve_root,
     same_sizes,
     stack_editors,

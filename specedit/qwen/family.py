@@ -13,8 +13,8 @@ import torch
 
 from models import qwen_image, qwen_image_vae
 from models.init import random_module, randomized_module
-from samplers.schedules import QWEN_SCHEDULE
-from specedit.families import Family, ModelEntry
+from samplers.schedules import LIGHTNING_SCHEDULE, QWEN_SCHEDULE
+from specedit.families import Distilled, Family, ModelEntry
 from specedit.qwen.editor import QwenCosts, QwenEditor
 from specedit.qwen.flops import flops_report
 from specedit.qwen.pipeline import QwenEditPipeline
@@ -81,6 +81,17 @@ def tiny_editor(batch: int = 1, seed: int = 0, grid: tuple[int, int] = (8, 12)) 
     return QwenEditor(model, vae, one(7, c), source, neg_txt=one(5, c), refs=(one(z, 14, 8),))
 
 
+# Qwen-Image(-Edit, -2509, -2511) Lightning LoRAs (lightx2v/Qwen-Image-Lightning): 8- and 4-step students,
+# distilled on a fixed shift of 3 with CFG off (true_cfg_scale 1); file names such as
+# "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors" name the step count.
+LIGHTNING = Distilled(
+    steps={8: 8, 4: 4},
+    schedule=LIGHTNING_SCHEDULE,
+    cfg_scale=1.0,
+    pattern=r"(?i)lightning.*?(\d+)-?steps",
+    source="lightx2v/Qwen-Image-Lightning",
+)
+
 FAMILY = Family(
     name="qwen",
     models={
@@ -99,4 +110,5 @@ FAMILY = Family(
     bench_configs=tuple(SIZES),
     flops_report=flops_report,
     pipeline=QwenEditPipeline,
+    distilled=LIGHTNING,
 )

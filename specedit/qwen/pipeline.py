@@ -52,7 +52,7 @@ from models.qwen_processor import (
     smart_resize,
 )
 from samplers.mixed_res import sync
-from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule
+from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule, read_schedule
 from specedit.pipeline import (
     Component,
     EditPipeline,
@@ -66,7 +66,6 @@ from specedit.pipeline import (
     grid_multiple,
     image_size,
     model_source,
-    read_schedule,
     resolve_root,
     same_sizes,
     stack_editors,

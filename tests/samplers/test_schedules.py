@@ -1,11 +1,23 @@
-"""Schedules: bit-equality with diffusers' FlowMatchEulerDiscreteScheduler; per-stage shifted ranges."""
+"""Schedules: bit-equality with diffusers' FlowMatchEulerDiscreteScheduler (dynamic, fixed and distilled
+shifts, from its own config files); named schedules; per-stage shifted ranges."""
+
+import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from samplers import FLUX_SCHEDULE, QWEN_SCHEDULE, ShiftSchedule, flow_sigmas, shifted_range
+from samplers import (
+    FLUX_SCHEDULE,
+    LIGHTNING_SCHEDULE,
+    QWEN_SCHEDULE,
+    ShiftSchedule,
+    flow_sigmas,
+    load_schedule,
+    shifted_range,
+)
 
 
 def _diffusers_sigmas(schedule: ShiftSchedule, steps: int, seq_len: int) -> torch.Tensor:
@@ -23,7 +35,9 @@ def _diffusers_sigmas(schedule: ShiftSchedule, steps: int, seq_len: int) -> torc
     return s.sigmas
 
 
-@pytest.mark.parametrize("schedule", [FLUX_SCHEDULE, QWEN_SCHEDULE], ids=["flux", "qwen"])
+@pytest.mark.parametrize(
+    "schedule", [FLUX_SCHEDULE, QWEN_SCHEDULE, LIGHTNING_SCHEDULE], ids=["flux", "qwen", "lightning"]
+)
 @pytest.mark.parametrize("steps,seq_len", [(50, 4096), (28, 4096), (4, 64), (8, 256), (30, 1024), (18, 6032)])
 def test_equals_diffusers(schedule, steps, seq_len):
     ours = flow_sigmas(steps, seq_len, schedule)
@@ -52,3 +66,51 @@ def test_shifted_range():
         shifted_range(0.3, 0.5, 4, 1.0)
     with pytest.raises(ValueError, match="num_steps"):
         flow_sigmas(0, 100)
+
+
+# Qwen-Image-Lightning's published scheduler config (its README), as a diffusers config file holds it
+LIGHTNING_CONFIG = {
+    "base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False, "max_image_seq_len": 8192,
+    "max_shift": math.log(3), "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
+    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [LIGHTNING_CONFIG, {"use_dynamic_shifting": False, "shift": 3.0},
+     {"use_dynamic_shifting": False, "shift": 2.5, "shift_terminal": 0.05},
+     {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9, "shift_terminal": 0.02,
+      "max_image_seq_len": 8192}],
+    ids=["lightning", "static-3", "static-terminal", "qwen"],
+)  # fmt: skip
+@pytest.mark.parametrize("steps,seq_len", [(8, 4096), (4, 6032), (6, 256)])
+def test_config_file_equals_diffusers(tmp_path, config, steps, seq_len):
+    """A scheduler_config.json read by us gives diffusers' own sigmas for that config, bit for bit."""
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    schedule = load_schedule(tmp_path)  # the folder form: <repo>/scheduler/scheduler_config.json
+    ref = FlowMatchEulerDiscreteScheduler.from_config(config)
+    mu = schedule.mu(seq_len)
+    ref.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    assert torch.equal(flow_sigmas(steps, seq_len, schedule), ref.sigmas)
+
+
+def test_named_schedules_and_errors(tmp_path):
+    assert load_schedule("lightning") is LIGHTNING_SCHEDULE and load_schedule("flux") is FLUX_SCHEDULE
+    assert LIGHTNING_SCHEDULE.shift(64) == pytest.approx(3.0) == LIGHTNING_SCHEDULE.shift(8192)
+    assert FLUX_SCHEDULE.shift(4096) == pytest.approx(math.exp(1.15))
+    with pytest.raises(ValueError, match=r"^unknown schedule 'turbo': choose from flux, qwen, lightning or"):
+        load_schedule("turbo")
+    with pytest.raises(ValueError, match="holds no scheduler_config.json"):
+        load_schedule(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"use_dynamic_shifting": True, "time_shift_type": "linear"}))
+    with pytest.raises(ValueError, match="time_shift_type 'linear' is not supported"):
+        load_schedule(path)
+    path.write_text(json.dumps({"use_dynamic_shifting": True, "use_beta_sigmas": True}))
+    with pytest.raises(ValueError, match="scheduler_config.json sets use_beta_sigmas=true"):
+        load_schedule(path)
+    with pytest.raises(ValueError, match="static_shift must be positive, got 0"):
+        ShiftSchedule(256, 4096, 0.5, 1.15, static_shift=0)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from models.loading import load_checkpoint, open_checkpoint
 from samplers.mixed_res import FullResSampler
-from samplers.schedules import FLUX_SCHEDULE, QWEN_SCHEDULE, ShiftSchedule
+from samplers.schedules import FLUX_SCHEDULE, QWEN_SCHEDULE, ShiftSchedule, read_schedule
 from specedit.kontext.pipeline import KontextPipeline
 from specedit.method import Baseline, EditResult
 from specedit.pipeline import (
@@ -20,7 +20,6 @@ from specedit.pipeline import (
     EditPipeline,
     OnDemand,
     borrowed,
-    read_schedule,
     resolve_method,
     resolve_seed,
     split_batch,
@@ -115,9 +114,8 @@ def test_scheduler_config(tmp_path):
     path.write_text('{"use_dynamic_shifting": true,\n "max_shift": 1.15,,}')
     with pytest.raises(ValueError, match=r"scheduler_config.json is not valid JSON: .* at line 2, column"):
         read_schedule(path, FLUX_SCHEDULE)
-    path.write_text(json.dumps({"use_dynamic_shifting": False}))
-    with pytest.raises(ValueError, match="scheduler_config.json: only dynamic exponential shifting"):
-        read_schedule(path, FLUX_SCHEDULE)
+    path.write_text(json.dumps({"use_dynamic_shifting": False, "shift": 3.0}))  # a fixed shift
+    assert read_schedule(path, FLUX_SCHEDULE).shift(4096) == 3.0
     path.write_text(json.dumps({"use_dynamic_shifting": True, "use_karras_sigmas": True}))
     with pytest.raises(ValueError, match="scheduler_config.json sets use_karras_sigmas=true"):
         read_schedule(path, FLUX_SCHEDULE)
