@@ -58,7 +58,9 @@ class Distilled:
     def __post_init__(self):
         for nfe, n in self.steps.items():
             if nfe < 1 or n < 1:
-                raise ValueError(f"Distilled.steps must map positive NFE to positive step counts, got {nfe}: {n}")
+                raise ValueError(
+                    f"Distilled.steps must map positive NFE to positive step counts, got {nfe}: {n}"
+                )
         if self.cfg_scale is not None and not self.cfg_scale >= 1.0:
             raise ValueError(f"Distilled.cfg_scale must be >= 1 (1 = CFG off), got {self.cfg_scale}")
 
