@@ -87,9 +87,17 @@ def test_every_named_method_exists_for_every_built_in_family():
     names = plain("kontext")
     assert plain("qwen") == names and names <= plain("toy")
     assert {n for n in methods("kontext") if "distill" in n} == {
-        "distilled-8", "distilled-6", "specedit-distill-8", "specedit-distill-6"}
+        "distilled-8",
+        "distilled-6",
+        "specedit-distill-8",
+        "specedit-distill-6",
+    }
     assert {n for n in methods("qwen") if "distill" in n} == {
-        "distilled-8", "distilled-4", "specedit-distill-8", "specedit-distill-4"}
+        "distilled-8",
+        "distilled-4",
+        "specedit-distill-8",
+        "specedit-distill-4",
+    }
     assert {f for f in families() if f in ("kontext", "qwen", "toy")} == {"kontext", "qwen", "toy"}
 
 
