@@ -31,14 +31,19 @@ def meta_rows(names: list[str], *, family: str | Family, height: int, width: int
     assumed outcome of threshold verifiers; ``ref_size``: the reference's pixel size where it may differ."""
     fam = get_family(family)
     shape = fam.shape(height, width)
-    costs = fam.costs(shape.grid, text_tokens=text_tokens, ref_grid=fam.grid(*ref_size) if ref_size else None)
+    kw = dict(text_tokens=text_tokens, ref_grid=fam.grid(*ref_size) if ref_size else None)
+    costs = {True: fam.costs(shape.grid, **kw)}
     table = methods(fam)
-    tflops = lambda plan: sum(costs.cost(e) for e in plan.events) / T
-    base = tflops(table["baseline-50"].plan(shape, expand_fraction))
+    if not all(
+        fam.cfg_for(table[n]) for n in names
+    ):  # only then is the family's cost model asked for cfg=False
+        costs[False] = fam.costs(shape.grid, **kw, cfg=False)
+    tflops = lambda m: sum(costs[fam.cfg_for(m)].cost(e) for e in m.plan(shape, expand_fraction).events) / T
+    base = tflops(table["baseline-50"])
     rows = []
     for name in names:
         plan = table[name].plan(shape, expand_fraction)
-        t = tflops(plan)
+        t = tflops(table[name])
         rows.append({"method": name, "nfe": plan.nfe, "tflops": t, "flops_speedup": base / t, "latency_s": None,
                      "latency_speedup": None, "expanded_fraction": plan.fraction})  # fmt: skip
     return rows
@@ -97,31 +102,37 @@ def _summary(runs: list[tuple[float, float, float, object]]) -> dict:
 
 @torch.no_grad()
 def time_methods(named: dict, editor, *, seed: int = 0, warmup: int = 1, repeats: int = 3) -> dict[str, dict]:
-    """Median wall time of ``method.run`` per method. Runs are interleaved round-robin after the warm-ups,
-    so drift of the machine's speed (shared CPUs, clocks) affects every method alike."""
-    for m in named.values():
+    """Median wall time of ``method.run`` per method on ``editor`` (or ``editor[name]``, a mapping). Runs are
+    interleaved round-robin after the warm-ups, so drift of the machine's speed (shared CPUs, clocks) affects
+    every method alike."""
+    on = lambda name: editor[name] if isinstance(editor, dict) else editor  # noqa: E731
+    for name, m in named.items():
         for _ in range(warmup):
-            m.run(editor, seed)
+            m.run(on(name), seed)
     runs = {name: [] for name in named}
     for _ in range(repeats):
         for name, m in named.items():
-            runs[name].append(_timed_run(m, editor, seed))
+            runs[name].append(_timed_run(m, on(name), seed))
     return {name: _summary(r) for name, r in runs.items()}
 
 
 def latency_rows(names: list[str], editor, *, family: str | Family, expand_fraction: float | None,
                  warmup: int = 1, repeats: int = 3, peak_tflops: float | None = None) -> list[dict]:  # fmt: skip
     """Run every method (and the 50-step baseline) on ``editor`` and report FLOPs and latency; verifiers with a
-    data-dependent rule expand ``expand_fraction`` of the cells (a fixed budget) when it is given."""
-    table = methods(family)
+    data-dependent rule expand ``expand_fraction`` of the cells (a fixed budget) when it is given. Step-distilled
+    methods whose weights expect CFG off run on ``editor.without_cfg()``."""
+    fam = get_family(family)
+    table = methods(fam)
     order = ["baseline-50"] + [n for n in names if n != "baseline-50"]
     budget = lambda m: m if expand_fraction is None else m.with_budget(expand_fraction)
-    timings = time_methods({n: budget(table[n]) for n in order}, editor, warmup=warmup, repeats=repeats)
+    plain = editor.without_cfg() if hasattr(editor, "without_cfg") else editor
+    editors = {n: editor if fam.cfg_for(table[n]) else plain for n in order}
+    timings = time_methods({n: budget(table[n]) for n in order}, editors, warmup=warmup, repeats=repeats)
     rows, base = [], None
     for name in order:
         t = dict(timings[name])
         result = t.pop("result")
-        tflops = result.flops(editor)["total"] / T
+        tflops = result.flops(editors[name])["total"] / T
         frac = None if result.verdict is None else result.verdict.fraction
         row = {"method": name, "nfe": result.nfe, "tflops": tflops, "latency_s": t["latency_s"],
                "expanded_fraction": frac, **{k: v for k, v in t.items() if k != "latency_s"},

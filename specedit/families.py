@@ -81,9 +81,11 @@ class Family:
     ``samplers.ntdm.fit_ntdm(steps, ends, h_ori, z_bounds=(z_floor, 100))`` for ``specedit.presets.SPLITS``;
     free_fit: the same without the floor, where ``z_floor`` > 1 (the "-z1" ablation). drafter / verifier: the
     family's SpecEdit draft and verifier. draft_ablations: draft factors of the "-draftN" ablations.
-    costs(grid, *, text_tokens=None, ref_grid=None): the full-size cost model at a fine token grid.
+    costs(grid, *, text_tokens=None, ref_grid=None, cfg=True): the full-size cost model at a fine token grid
+    (``cfg`` False: without the true-CFG branch a family runs by default, if it has one).
     tiny_editor(batch=1, seed=0): a tiny random editor (conformance tests). random_editor(config, height, width,
-    *, device, dtype, seed): an editor with random weights at a named size of ``bench_configs`` (latency).
+    *, device, dtype, seed, cfg=True): an editor with random weights at a named size of ``bench_configs``
+    (latency).
     flops_report(**options): the ``specedit flops`` report of a plain baseline edit. pipeline: the end-to-end
     pipeline class (None: adapter only). distilled: the family's step-distilled weights (:class:`Distilled`;
     None: no ``distilled-N`` / ``specedit-distill-N`` presets).
@@ -114,6 +116,14 @@ class Family:
             raise ValueError(f"family {self.name!r}: patch, vae_factor and fit_tokens must be positive")
         if self.z_floor < 1.0:
             raise ValueError(f"family {self.name!r}: z_floor must be >= 1, got {self.z_floor}")
+
+    def cfg_for(self, method) -> bool:
+        """Whether ``method`` runs the family's default CFG branches: not for a step-distilled method whose
+        weights expect CFG off (``Distilled.cfg_scale`` 1)."""
+        d = self.distilled
+        return not (
+            getattr(method, "weights", "base") == "distilled" and d is not None and d.cfg_scale == 1.0
+        )
 
     @property
     def h_ori(self) -> float:

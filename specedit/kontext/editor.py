@@ -82,6 +82,10 @@ class KontextEditor:
     ref_method: str = "offset"
     _refs: dict = field(default_factory=dict, repr=False)
 
+    def without_cfg(self):
+        """The same edit without the true-CFG branch (a step-distilled model's setting)."""
+        return replace(self, neg_txt=None, neg_y=None)
+
     patch = 2  # FLUX packs 2 x 2 latent pixels per token
 
     def __post_init__(self):

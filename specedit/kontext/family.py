@@ -50,7 +50,8 @@ SIZES = {
 }  # fmt: skip
 
 
-def costs(grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=None) -> KontextCosts:
+def costs(grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=None,
+          cfg: bool = True) -> KontextCosts:  # fmt: skip
     """Full-size FLUX.1-Kontext-dev costs at a fine token grid (512 T5 tokens; the reference is the target's
     size, as the pipeline edits in place)."""
     if ref_grid is not None and tuple(ref_grid) != tuple(grid):
@@ -60,7 +61,7 @@ def costs(grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=Non
 
 
 def random_editor(config: str, height: int, width: int, *, device="cpu", dtype=torch.float32,
-                  seed: int = 0) -> KontextEditor:  # fmt: skip
+                  seed: int = 0, cfg: bool = True) -> KontextEditor:  # fmt: skip
     """A Kontext editor with random weights (std 0.02, norm scales 1) at size ``config`` and random
     conditioning, for latency benchmarks."""
     size = SIZES[config]

@@ -23,7 +23,7 @@ l text tokens, c DiT text width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -177,6 +177,10 @@ class QwenEditor:
     def decode(self, latent: Tensor) -> Tensor:
         """(b, z, H, W) normalised latent -> (b, 3, 8H, 8W) image in [-1, 1]."""
         return self.vae.decode(latent.to(_dtype(self.vae)))
+
+    def without_cfg(self):
+        """The same edit without the true-CFG branch (a step-distilled model's setting)."""
+        return replace(self, neg_txt=None, neg_mask=None)
 
     patch = 2  # Qwen-Image packs 2 x 2 latent pixels per token
 

@@ -43,18 +43,22 @@ SIZES = {
 }
 
 
-def costs(grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=None) -> QwenCosts:
+def costs(
+    grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=None, cfg: bool = True
+) -> QwenCosts:
     """Full-size Qwen-Image-Edit costs at a fine token grid: true CFG with ``text_tokens`` (default 1400) per
-    branch, one reference of grid ``ref_grid`` (default: the target's)."""
+    branch (``cfg`` False: the conditional branch only, as Lightning runs), one reference of grid ``ref_grid``
+    (default: the target's)."""
     n = text_tokens or TEXT_TOKENS
     size = SIZES["full"]
-    return QwenCosts(size.model, size.vae, n, n, grid, (tuple(ref_grid or grid),))
+    return QwenCosts(size.model, size.vae, n, n if cfg else None, grid, (tuple(ref_grid or grid),))
 
 
 def random_editor(config: str, height: int, width: int, *, device="cpu", dtype=torch.float32,
-                  seed: int = 0) -> QwenEditor:  # fmt: skip
+                  seed: int = 0, cfg: bool = True) -> QwenEditor:  # fmt: skip
     """A Qwen-Image-Edit editor with random weights at size ``config``: random prompt states for both CFG
-    branches (batched CFG), one reference (the source), for latency benchmarks."""
+    branches (batched CFG; ``cfg`` False: no negative prompt, one branch), one reference (the source), for
+    latency benchmarks."""
     size = SIZES[config]
     model = random_module(lambda: qwen_image.QwenImage(size.model), device=device, dtype=dtype, seed=seed)
     vae = random_module(
@@ -64,7 +68,8 @@ def random_editor(config: str, height: int, width: int, *, device="cpu", dtype=t
     rand = lambda *shape: torch.randn(shape, generator=g).to(device=device, dtype=dtype)
     f, c = size.vae.factor, size.model.joint_attention_dim
     source = rand(1, size.vae.z_dim, height // f, width // f)
-    return QwenEditor(model, vae, rand(1, size.text_tokens, c), source, neg_txt=rand(1, size.text_tokens, c))
+    neg = rand(1, size.text_tokens, c)
+    return QwenEditor(model, vae, rand(1, size.text_tokens, c), source, neg_txt=neg if cfg else None)
 
 
 def tiny_editor(batch: int = 1, seed: int = 0, grid: tuple[int, int] = (8, 12)) -> QwenEditor:

@@ -50,7 +50,8 @@ TINY_DIT = replace(TOY_DIT, hidden_size=32, num_heads=2, depth=1, depth_single_b
 TINY_AE = replace(TOY_AE, ch=8)
 
 
-def costs(grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=None) -> KontextCosts:
+def costs(grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=None,
+          cfg: bool = True) -> KontextCosts:  # fmt: skip
     """The toy editor's costs at a fine token grid (16 text tokens; the reference is the target's size)."""
     if ref_grid is not None and tuple(ref_grid) != tuple(grid):
         raise ValueError(f"the toy editor edits in place: the reference grid {ref_grid} must equal {grid}")
@@ -58,7 +59,7 @@ def costs(grid: tuple[int, int], *, text_tokens: int | None = None, ref_grid=Non
 
 
 def random_editor(config: str, height: int, width: int, *, device="cpu", dtype=torch.float32,
-                  seed: int = 0) -> KontextEditor:  # fmt: skip
+                  seed: int = 0, cfg: bool = True) -> KontextEditor:  # fmt: skip
     """The toy architecture with random weights (``config`` "toy") and random conditioning."""
     if config != "toy":
         raise ValueError(f"the toy family has one size, 'toy'; got {config!r}")

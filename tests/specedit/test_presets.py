@@ -123,3 +123,48 @@ def test_toy_family_uses_its_calibration():
         table["specedit-18-draft4"].drafter.factor == 4
         and methods("kontext")["specedit-18"].drafter.factor == 4
     )
+
+
+# the paper's Table 7 (FLUX.1-Kontext-dev, against its 50-step base model)
+PAPER_DISTILL_SPEEDUP = {"distilled-8": 6.25, "distilled-6": 8.33, "specedit-distill-8": 9.68,
+                         "specedit-distill-6": 13.03}  # fmt: skip
+
+
+def test_distilled_flops_speedups_match_the_paper():
+    rows = meta_rows(
+        list(PAPER_DISTILL_SPEEDUP), family="kontext", height=1024, width=1024, expand_fraction=0.25
+    )
+    for r in rows:
+        assert r["flops_speedup"] == pytest.approx(PAPER_DISTILL_SPEEDUP[r["method"]], rel=0.10), r
+    assert [r["nfe"] for r in rows] == [8, 6, 8, 6]
+
+
+def test_distilled_qwen_runs_without_cfg_in_its_costs():
+    """Lightning runs the conditional branch only, so its 8 steps cost 8 / (2 * 50) of the CFG baseline."""
+    (row,) = meta_rows(["distilled-8"], family="qwen", height=1024, width=1024, expand_fraction=0.25)
+    assert row["flops_speedup"] == pytest.approx(12.5, rel=1e-6)
+    fam = get_family("qwen")
+    assert not fam.cfg_for(methods(fam)["specedit-distill-4"]) and fam.cfg_for(methods(fam)["specedit-18"])
+    assert fam.distilled.match("Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors") == 4
+    assert fam.distilled.match("my_style_lora.safetensors") is None
+
+
+@pytest.mark.parametrize("family,nfe", [("qwen", 8), ("qwen", 4), ("kontext", 8), ("kontext", 6)])
+def test_distill_stages_visit_the_students_sigmas(family, nfe):
+    """specedit-distill-N's stages, joined, are the distilled N-step schedule at the fit size; no rewind."""
+    import torch
+
+    from samplers.schedules import flow_sigmas
+
+    fam = get_family(family)
+    method = methods(fam)[f"specedit-distill-{nfe}"]
+    schedule = fam.distilled.schedule or fam.schedule
+    stages = method.sampler.stage_sigmas(fam.fit_tokens, schedule)
+    joined = torch.cat([stages[0], *(s[1:] for s in stages[1:])])
+    assert torch.allclose(joined, flow_sigmas(nfe, fam.fit_tokens, schedule), atol=1e-6)
+    assert method.sampler.z == 1.0 and method.weights == "distilled"
+    assert (
+        method.drafter.steps == fam.distilled.steps[nfe] and method.drafter.schedule is fam.distilled.schedule
+    )
+    base = methods(fam)[f"distilled-{nfe}"]
+    assert base.sampler.steps == nfe and base.sampler.schedule is fam.distilled.schedule
