@@ -164,7 +164,13 @@ def _edit(a: argparse.Namespace) -> dict:
 
     fam = get_family(a.model)
     if a.method != "baseline":
-        presets.get(a.method, fam)  # an unknown method fails before any loading
+        method = presets.get(a.method, fam)  # an unknown method fails before any loading
+        if method.weights == "distilled" and not a.lora:
+            raise ValueError(
+                f"--method {a.method} expects step-distilled weights: add --lora <distilled LoRA>"
+            )
+    if a.distilled and not a.lora:
+        raise ValueError("--distilled says the --lora files are step-distilled, but no --lora was given")
     from models.imageio import load_image
 
     for path in a.image:  # unreadable or truncated images fail here, before any weight is loaded
@@ -178,6 +184,10 @@ def _edit(a: argparse.Namespace) -> dict:
     options = dict(entry.options, **({} if a.area is None else {"area": a.area}))
     pipe = fam.pipeline.from_pretrained(a.weights or entry.repo, dtype=getattr(torch, DTYPES[a.dtype]),
                                         device=a.device, **options)  # fmt: skip
+    for path, scale in a.lora:
+        pipe.load_lora(path, scale, distilled=True if a.distilled else None)
+    if a.schedule is not None:
+        pipe.schedule = a.schedule
     images = a.image if len(a.image) > 1 else a.image[0]
     out = pipe.edit(images, a.prompt, method=a.method, seed=a.seed, steps=a.steps, guidance=a.guidance,
                     true_cfg_scale=a.true_cfg_scale, negative_prompt=a.negative_prompt, height=a.height,
@@ -240,13 +250,14 @@ def _add_edit(sub) -> None:
     p.add_argument(
         "--method",
         default="baseline",
-        help="baseline, specedit-30, specedit-18, specedit-11, specedit-9 or any preset name",
+        help="baseline, specedit-30, specedit-18, specedit-11, specedit-9, distilled-N, specedit-distill-N "
+        "or any preset name",
     )
     p.add_argument(
         "--steps",
         type=v.positive_int,
         default=None,
-        help="steps of the baseline sampler (default: the model's, FLUX 28, Qwen 50)",
+        help="steps of the baseline sampler (default: the model's, FLUX 28, Qwen 50, or its distilled LoRA's)",
     )
     p.add_argument(
         "--guidance", type=v.finite_float, default=None, help="FLUX distilled guidance (default 2.5)"
@@ -265,6 +276,28 @@ def _add_edit(sub) -> None:
     p.add_argument("--device", type=v.device, default="cuda" if _cuda() else "cpu")
     p.add_argument("--weights", default=None, help="local folder or hub repo id (default: the official repo)")
     p.add_argument("--save-mask", default=None, help="image of the verified-token mask over the input")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=v.lora_spec,
+        metavar="PATH[:SCALE]",
+        help="fuse a LoRA (.safetensors file or hub file owner/repo/file.safetensors; repeatable). "
+        "Known step-distilled LoRAs (Qwen-Image Lightning) set their schedule, CFG and steps",
+    )
+    p.add_argument(
+        "--distilled",
+        action="store_true",
+        help="the --lora files are step-distilled weights not "
+        "recognised by name (enables the distilled-N / specedit-distill-N methods)",
+    )
+    p.add_argument(
+        "--schedule",
+        type=v.schedule,
+        default=None,
+        help="sampling schedule: flux, qwen, lightning, "
+        "or a scheduler_config.json (default: the model's, or its distilled LoRA's)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_edit)  # fmt: skip
 

@@ -238,6 +238,39 @@ def same_sizes(plans: list, what: str = "working sizes") -> list:
 
 
 # ----------------------------------------------------------------------------------------------- files
+def lora_file(source: str | os.PathLike) -> Path:
+    """A LoRA file: a local path, or a hub file ``owner/repo/path/file.safetensors`` (downloaded once to the
+    hub cache). Only ``.safetensors`` is read."""
+    path = Path(source)
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"LoRA {source}: only .safetensors files are read (got {path.suffix or 'no extension'!r})"
+        )
+    if path.is_file():
+        return path
+    parts = Path(source).as_posix().split("/")
+    if len(parts) >= 3 and not path.is_absolute() and is_repo_id("/".join(parts[:2])):
+        name = "/".join(parts[2:])
+        return download("/".join(parts[:2]), [name]) / name
+    raise ValueError(f"LoRA {source}: no such file (nor a hub file owner/repo/file.safetensors)")
+
+
+def _distilled_steps(record, path: Path | None, distilled: bool | int | None, family: str) -> int | None:
+    """The step count of a LoRA's distilled weights: recognised by ``record`` from the file name, or as the
+    caller says (``distilled`` True: the record's largest, an int: that many, False: not distilled)."""
+    if distilled is None:
+        return record.match(str(path)) if record is not None and path is not None else None
+    if distilled is False:
+        return None
+    if record is None:
+        raise ValueError(f"family {family!r} has no step-distilled presets (distilled={distilled!r})")
+    if distilled is True:
+        return (record.match(str(path)) if path is not None else None) or max(record.steps.values())
+    if isinstance(distilled, int) and distilled >= 1:
+        return distilled
+    raise ValueError(f"distilled must be None, a bool or a positive step count, got {distilled!r}")
+
+
 def model_source(path_or_id, models: dict):
     """``models[path_or_id]`` for a model name (``specedit edit --model``) that is not an existing path, else
     ``path_or_id`` itself."""
@@ -571,6 +604,9 @@ class EditPipeline:
     family: ClassVar[str]
     default_steps: ClassVar[int]
     default_id: ClassVar[str]
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of each LoRA fused by load_lora, in order
+    distilled_steps: int | None = None  # the step count of fused step-distilled weights (None: base weights)
+    base_schedule = None  # the schedule to restore when distilled weights switched it
 
     @classmethod
     def from_pretrained(
@@ -592,6 +628,64 @@ class EditPipeline:
         vae_home = None if vae_device is None else torch.device(vae_device)
         where = Placement(dtype, torch.device(device), offload_text_encoders, vae_home)
         return cls.load(cls.default_id if path_or_id is None else path_or_id, where, **options)
+
+    # ------------------------------------------------------------------------------------------- LoRAs
+    def transformer_module(self) -> nn.Module:
+        """The denoising transformer LoRAs are fused into."""
+        raise NotImplementedError
+
+    def load_lora(self, source, scale: float = 1.0, *, distilled: bool | int | None = None) -> list[str]:
+        """Fuse a LoRA into the transformer (``models.lora.fuse_lora``); returns the fused module paths.
+
+        source: a ``.safetensors`` file, a hub file ``owner/repo/path/file.safetensors``, or a state dict.
+        Step-distilled weights switch the pipeline to their schedule, CFG scale and step count (the defaults of
+        ``edit`` until ``unload_loras``): the family's ``Distilled`` record recognises its published files by
+        name (e.g. "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors": Lightning schedule, CFG
+        off, 4 steps); ``distilled`` True (or the step count) / False overrides the recognition.
+        """
+        from models.lora import fuse_lora
+        from specedit.families import get_family
+
+        if not math.isfinite(scale):
+            raise ValueError(f"LoRA scale must be finite, got {scale}")
+        record = get_family(self.family).distilled
+        path = None if isinstance(source, dict) else lora_file(source)
+        steps = _distilled_steps(record, path, distilled, self.family)
+        fused = fuse_lora(self.transformer_module(), source if path is None else path, scale)
+        self.loras = (*self.loras, ("state dict" if path is None else path.name, float(scale)))
+        if steps is not None:
+            if self.base_schedule is None:
+                self.base_schedule = self.schedule
+            self.schedule = record.schedule or self.base_schedule
+            self.distilled_steps = steps
+        return fused
+
+    def unload_loras(self) -> list[str]:
+        """Restore the transformer's weights bit for bit and the base schedule and defaults."""
+        from models.lora import unfuse_lora
+
+        restored = unfuse_lora(self.transformer_module())
+        if self.base_schedule is not None:
+            self.schedule, self.base_schedule = self.base_schedule, None
+        self.loras, self.distilled_steps = (), None
+        return restored
+
+    def _distilled_defaults(self, method, runner, true_cfg_scale: float | None) -> float | None:
+        """The CFG scale default of fused distilled weights; a method made for distilled weights is refused on
+        base weights (a few-step schedule on base weights gives noise, not an edit)."""
+        from specedit.families import get_family
+
+        record = get_family(self.family).distilled
+        if getattr(runner, "weights", "base") == "distilled" and self.distilled_steps is None:
+            hint = f"; published ones: {record.source}" if record is not None and record.source else ""
+            raise ValueError(
+                f"method {method if isinstance(method, str) else type(runner).__name__!r} expects step-distilled "
+                f"weights: fuse them first with load_lora(path) (--lora), or load_lora(path, distilled=True) for "
+                f"a file not recognised by name{hint}"
+            )
+        if self.distilled_steps is not None and true_cfg_scale is None and record.cfg_scale is not None:
+            return record.cfg_scale
+        return true_cfg_scale
 
     @torch.no_grad()
     def edit(
@@ -617,7 +711,9 @@ class EditPipeline:
         family's; a preset name of ``specedit.presets``; or an object with ``run(editor, seed)``). See the module
         docstring for batches, seeds and ``generator``; ``callback`` is passed to ``method.run``. The family
         documents ``guidance``, ``true_cfg_scale``, ``negative_prompt``, ``height`` and ``width``."""
-        runner = resolve_method(method, self.family, self.default_steps if steps is None else steps)
+        default = self.distilled_steps or self.default_steps
+        runner = resolve_method(method, self.family, default if steps is None else steps)
+        true_cfg_scale = self._distilled_defaults(method, runner, true_cfg_scale)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         seed = resolve_seed(seed, generator)

@@ -116,3 +116,33 @@ def check_output_file(out: str | os.PathLike, inputs: list[str | os.PathLike], *
         raise ValueError(f"output {out} is a folder: give a file name")
     if target.exists() and not overwrite:
         raise ValueError(f"output {out} exists: pass --overwrite to replace it")
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a local file must exist and end in ``.safetensors``, anything else is
+    taken as a hub file ``owner/repo/file.safetensors`` (fetched when the pipeline loads it)."""
+    path, _, tail = text.rpartition(":")
+    try:
+        scale = float(tail) if path else 1.0
+    except ValueError:
+        path, scale = "", 1.0
+    path = path or text  # no ":SCALE" suffix: the whole text is the path
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"LoRA scale must be finite, got {tail!r}")
+    if not path.endswith(".safetensors"):
+        raise argparse.ArgumentTypeError(f"{path}: a LoRA must be a .safetensors file")
+    p = Path(path)
+    hub = not p.is_absolute() and path.count("/") >= 2 and not Path(path.split("/")[0]).exists()
+    if not hub and not p.is_file():
+        raise argparse.ArgumentTypeError(f"{path}: no such LoRA file")
+    return path, scale
+
+
+def schedule(text: str):
+    """A schedule name (flux, qwen, lightning) or a ``scheduler_config.json`` / folder holding one."""
+    from samplers.schedules import load_schedule
+
+    try:
+        return load_schedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

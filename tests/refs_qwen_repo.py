@@ -94,17 +94,30 @@ def linked_variant(root: Path, dst: Path, *, plus: bool) -> Path:
 
 
 def run_diffusers_edit(
-    refs: dict, root: Path, images, prompt, negative_prompt, latents, *, plus, area, steps=4, scale=4.0
+    refs: dict,
+    root: Path,
+    images,
+    prompt,
+    negative_prompt,
+    latents,
+    *,
+    plus,
+    area,
+    steps=4,
+    scale=4.0,
+    scheduler: dict | None = None,
+    lora: Path | None = None,
 ) -> dict:
     """The real pipeline end to end; returns the per-step latents, the [0, 1] image, sigmas and the prompt
-    embeddings (and masks) each transformer forward received, in call order."""
+    embeddings (and masks) each transformer forward received, in call order. ``scheduler``: another scheduler
+    config; ``lora``: a LoRA file loaded with ``load_lora_weights`` and fused for this run only."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
 
     name = "pipeline_qwenimage_edit_plus" if plus else "pipeline_qwenimage_edit"
     mod = importlib.import_module(f"diffusers.pipelines.qwenimage.{name}")
     cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
     pipe = cls(
-        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**(scheduler or QWEN_SCHEDULER)),
         vae=refs["vae"],
         text_encoder=PipelineTextEncoder(refs["text_encoder"]),
         tokenizer=None,
@@ -112,6 +125,9 @@ def run_diffusers_edit(
         transformer=refs["transformer"],
     )
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora()
     calls, steps_out = [], []
 
     def record_inputs(_module, _args, kw):
@@ -139,6 +155,9 @@ def run_diffusers_edit(
     finally:
         mod.calculate_dimensions = orig
         hook.remove()
+        if lora is not None:
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
     return {
         "steps": torch.stack(steps_out),
         "image": image,

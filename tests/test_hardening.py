@@ -27,6 +27,18 @@ CLI_CASES = {
                                         "is the --out file"),
     "edit unknown method before loading": ("edit --image {img} --prompt p --out {out} --method nope --weights {tmp}",
                                            "unknown method 'nope' for family 'kontext'"),
+    "edit distilled method without a LoRA": ("edit --image {img} --prompt p --out {out} --method distilled-8",
+                                             "--method distilled-8 expects step-distilled weights: add --lora"),
+    "edit --lora missing file": ("edit --image {img} --prompt p --out {out} --lora {tmp}/none.safetensors:0.5",
+                                 "none.safetensors: no such LoRA file"),
+    "edit --lora not safetensors": ("edit --image {img} --prompt p --out {out} --lora {txt}",
+                                    "a LoRA must be a .safetensors file"),
+    "edit --lora scale not finite": ("edit --image {img} --prompt p --out {out} --lora x.safetensors:nan",
+                                     "LoRA scale must be finite, got 'nan'"),
+    "edit --distilled without --lora": ("edit --image {img} --prompt p --out {out} --distilled",
+                                        "--distilled says the --lora files are step-distilled, but no --lora"),
+    "edit unknown --schedule": ("edit --image {img} --prompt p --out {out} --schedule turbo",
+                                "argument --schedule: unknown schedule 'turbo': choose from flux, qwen, lightning"),
 }  # fmt: skip
 ELSEWHERE = {
     "NaN/inf image tensors": "tests/models/test_imageio.py (check_finite)",
@@ -39,6 +51,9 @@ ELSEWHERE = {
     "broken config.json (file and position)": "tests/models/test_loading.py",
     "verifier tau 5, -1, NaN; bad sampler options": "tests/test_hardening.py::test_bad_part_fields, "
     "tests/samplers/test_mixed_res.py",
+    "LoRA files: unmatched keys, shapes, other family, DoRA/LoHa, corrupt": "tests/models/test_lora.py",
+    "distilled method on base weights; LoRA not .safetensors, missing, NaN scale": "tests/specedit/qwen/"
+    "test_qwen_lightning.py",
 }
 
 

@@ -229,6 +229,9 @@ class KontextPipeline(EditPipeline):
         return working_tensor(image, self.working_size(image, height=height, width=width))
 
     # ------------------------------------------------------------------------------------------- editing
+    def transformer_module(self) -> torch.nn.Module:
+        return self.model
+
     def _options(self, guidance: float | None, true_cfg_scale: float | None) -> tuple[float, float]:
         guidance = GUIDANCE if guidance is None else float(guidance)
         return guidance, 1.0 if true_cfg_scale is None else float(true_cfg_scale)

@@ -189,6 +189,9 @@ class QwenEditPipeline(EditPipeline):
         return next(self.transformer.parameters()).dtype
 
     # ------------------------------------------------------------------------------------------- internals
+    def transformer_module(self) -> torch.nn.Module:
+        return self.transformer
+
     def _options(self, guidance: float | None, true_cfg_scale: float | None) -> float:
         if guidance is not None:
             raise ValueError(
