@@ -2,16 +2,21 @@
 
     specedit demo [--out DIR] [--weights DIR] [--methods LIST] [--n N]
     specedit eval --suite toy [--n N] [--methods LIST] [--out DIR] [--weights DIR] [--seed-offset S]
+    specedit train-toy --distill [4,6,8] [--run DIR] [--out DIR] [--minutes M] [--steps S] [--init-from DIR]
     torchrun --nproc_per_node=N -m specedit.cli eval --num-examples N ...   # examples sharded over the ranks
 
-``add_commands(sub)`` registers both on the ``specedit`` parser; the handlers print tables (progress goes to
-stderr) and return None. An ``--out`` that is a file fails before anything is loaded or run; ``eval`` resumes
-a killed run when rerun into the same ``--out`` (finished records are kept and not run again).
+``add_commands(sub)`` registers both on the ``specedit`` parser and adds ``--distill`` to its ``train-toy``
+(``specedit.toy.distill``: a few-step LoRA for the toy editor; ``--init-from`` names the teacher, default the
+shipped weights; the run folder defaults to runs/toy-distill, the LoRA goes to ``--out``, default RUN/lora).
+The demo and eval handlers print tables (progress goes to stderr) and return None. An ``--out`` that is a
+file fails before anything is loaded or run; ``eval`` resumes a killed run when rerun into the same
+``--out`` (finished records are kept and not run again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from specedit import validate as v
@@ -28,6 +33,16 @@ def _setup(a: argparse.Namespace, device):
     if threads is not None:
         torch.set_num_threads(threads)
     return ev.load_toy(a.weights, device=device, dtype=getattr(torch, DTYPES[a.dtype]))
+
+
+def _lora(a: argparse.Namespace, names: list[str]):
+    """The distilled LoRA for the distilled methods among ``names`` (checked), or None when none is run."""
+    lora = a.lora if a.lora is not None else ev.default_lora(a.weights)
+    named = ev.resolve(names)
+    if not any(ev.weights_of(m) == "distilled" for m in named.values()):
+        return None
+    ev.check_lora(named, lora)
+    return str(lora)
 
 
 def _logger(a: argparse.Namespace, prefix: str = ""):
@@ -47,6 +62,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=v.positive_int, default=None,
                    help="CPU threads per process (default on the CPU: 1, the fastest for this small model on a "
                    "shared machine; more on an idle many-core one)")  # fmt: skip
+    p.add_argument("--lora", default=None, help="the distilled LoRA that distilled-N and specedit-distill-N run "
+                   "with (default: distill_lora.safetensors of the --weights folder)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -54,8 +71,9 @@ def _demo(a: argparse.Namespace) -> None:
     atomic.check_folder(a.out)
     ev.demo_cases(a.n)  # checks --n
     names = ev.parse_methods(a.methods)
+    _lora(a, names)  # a missing LoRA fails before loading
     toy = _setup(a, ev.Dist().device(a.device))
-    report = ev.demo(toy, a.out, methods=names[1:], n=a.n, log=_logger(a))
+    report = ev.demo(toy, a.out, methods=names[1:], n=a.n, log=_logger(a), lora=_lora(a, names))
     print(ev.format_table(report["methods"], ev.DEMO_COLUMNS, title=_demo_title(report)))
     print(f"\npanels: {', '.join(e['panel'] for e in report['examples'])}")
     print(
@@ -89,11 +107,12 @@ def _eval(a: argparse.Namespace) -> None:
     ev.eval_cases(a.n, a.seed_offset, indices=[])  # checks --n and --seed-offset
     dist = ev.Dist.from_env()
     names = ev.parse_methods(a.methods, reference=a.reference)
+    lora = _lora(a, names)
     device = dist.device(a.device)
     toy = _setup(a, device)
     prefix = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
     records = ev.evaluate_suite(toy, names, n=a.n, offset=a.seed_offset, reference=a.reference, dist=dist,
-                                log=_logger(a, prefix), out=a.out)  # fmt: skip
+                                log=_logger(a, prefix), out=a.out, lora=lora)  # fmt: skip
     if records is None:  # not rank 0: rank 0 writes and prints
         return
     out = ev.write_suite(records, a.out, reference=a.reference, plot=not a.no_plot)
@@ -129,6 +148,50 @@ def _add_eval(sub) -> None:
 
 
 def add_commands(sub) -> None:
-    """Register ``demo`` and ``eval`` on the ``specedit`` subcommand parser."""
+    """Register ``demo`` and ``eval`` on the ``specedit`` subcommand parser, and ``--distill`` on its
+    ``train-toy`` (when that is registered)."""
     _add_demo(sub)
     _add_eval(sub)
+    if "train-toy" in sub.choices:
+        _add_distill(sub.choices["train-toy"])
+
+
+# options of train-toy that only the editor's own recipe reads
+NOT_DISTILL = ("n_train", "ae_steps", "ae_batch", "ae_crop", "ema", "ae_from", "res_probs")
+
+
+def _add_distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distill", nargs="?", const="4,6,8", default=None, metavar="STEPS",
+                   help="train a few-step LoRA for the toy editor instead (student step counts, default "
+                   "4,6,8; --init-from: the teacher, default the shipped weights; --run default "
+                   "runs/toy-distill; --out: the LoRA's folder, default RUN/lora)")  # fmt: skip
+    p.add_argument("--rank", type=v.positive_int, default=None, help="--distill: LoRA rank (16)")
+    train = p.get_default("func")
+    p.set_defaults(func=lambda a: train(a) if a.distill is None else _distill(a))
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--distill takes step counts like 4,6,8, got {text!r}") from None
+    return steps
+
+
+def _distill(a: argparse.Namespace) -> dict:
+    from specedit.toy.distill import distill_toy
+    from specedit.toy.recipe import launch_background
+
+    given = [f"--{k.replace('_', '-')}" for k in NOT_DISTILL if getattr(a, k, None) not in (None, 0)]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to the editor's own recipe, not to --distill")
+    argv = getattr(a, "argv", []) or []
+    run = a.run if any(x == "--run" or x.startswith("--run=") for x in argv) else "runs/toy-distill"
+    keys = {"steps": a.steps, "batch": a.batch, "seed": a.seed, "lr": a.lr, "ckpt_every": a.checkpoint_every,
+            "rank": a.rank, "nfes": _steps(a.distill)}  # fmt: skip
+    overrides = {k: x for k, x in keys.items() if x is not None}
+    if a.background:
+        return launch_background(argv, atomic.check_folder(run, "--run"))
+    log = None if a.quiet else (lambda e: print(json.dumps(e), file=sys.stderr, flush=True))
+    return distill_toy(run, teacher=a.init_from, out=a.out, minutes=a.minutes, overwrite=a.overwrite,
+                       device=a.device, log=log, **overrides)  # fmt: skip

@@ -41,7 +41,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from samplers.mixed_res import sync
+from models.lora import fuse_lora, unfuse_lora
+from samplers.mixed_res import FullResSampler, sync
+from specedit.families import get_family
+from specedit.method import Baseline
 from specedit.presets import methods
 from specedit.toy import atomic, metrics
 from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, Example, make_example
@@ -50,11 +53,18 @@ from specedit.viz import mask_overlay
 
 
 def all_methods() -> dict:
-    """The named methods with the toy editor's calibration (``specedit.presets`` family "toy")."""
-    return methods("toy")
+    """The named methods with the toy editor's calibration (``specedit.presets`` family "toy"), and the base
+    model's ``steps-N`` at each distilled step count N (what ``distilled-N`` is compared with) where the presets
+    lack it."""
+    table = methods("toy")
+    distilled = get_family("toy").distilled
+    for n in distilled.steps if distilled else ():
+        table.setdefault(f"steps-{n}", Baseline(FullResSampler(n)))
+    return table
 
 
 BASELINE = "baseline-50"
+DISTILL_LORA = "distill_lora.safetensors"  # the distilled LoRA's file name in a toy editor folder
 # held-out demo edits (add, background, recolour, darker, move, background): local and global alternate
 DEMO_SEEDS = (5_000_002, 5_000_001, 5_000_017, 5_000_008, 5_000_009, 5_000_013)
 DEMO_METHODS = ("specedit-18", "specedit-9")
@@ -165,14 +175,51 @@ class Outcome:
     latency_s: float
 
 
+def weights_of(method) -> str:
+    """The weights a method runs on: "distilled" (the editor with the distilled LoRA fused) or "base"."""
+    return getattr(method, "weights", "base")
+
+
+def default_lora(weights: str | os.PathLike | None = None) -> Path:
+    """The distilled LoRA of a toy editor folder (default: the shipped one), whether or not it exists."""
+    return (Path(weights) if weights is not None else WEIGHTS) / DISTILL_LORA
+
+
+def check_lora(named: Mapping[str, object], lora: str | os.PathLike | None) -> None:
+    """One-line error when a method of ``named`` needs the distilled weights and ``lora`` is not a file."""
+    needing = [n for n, m in named.items() if weights_of(m) == "distilled"]
+    if needing and (lora is None or not Path(lora).is_file()):
+        raise FileNotFoundError(f"{needing[0]} runs on the distilled weights: no distilled LoRA at {lora} "
+                                "(train one: specedit train-toy --distill; pass it with --lora)")  # fmt: skip
+
+
 @torch.no_grad()
 def run_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, warmup: bool = False,
-             log: Log = None) -> tuple[dict[str, Outcome], object]:  # fmt: skip
+             log: Log = None, lora: str | os.PathLike | None = None) -> tuple[dict[str, Outcome], object]:  # fmt: skip
     """Edit ``case`` with every method of ``named`` ({name: method}); each ``method.run`` is timed
-    (device-synchronised). Returns the outcomes and the editor adapter (for costs)."""
+    (device-synchronised). Methods whose ``weights`` is "distilled" run after the others with ``lora`` fused
+    into the transformer (``models.lora.fuse_lora``), which is restored bit for bit afterwards. Returns the
+    outcomes (in ``named``'s order) and the editor adapter (for costs)."""
+    check_lora(named, lora)
     ed = toy.editor([case.example.source], case.example.instruction)
     if warmup:  # first-call allocations and kernel selection out of the timed runs
         all_methods()["steps-9"].run(ed, case.seed)
+    out = {}
+    for weights in ("base", "distilled"):
+        group = {n: m for n, m in named.items() if weights_of(m) == weights}
+        if not group:
+            continue
+        if weights == "distilled":
+            fuse_lora(toy.dit, lora)
+        try:
+            out.update(_run_group(ed, case, group, log))
+        finally:
+            if weights == "distilled":
+                unfuse_lora(toy.dit)
+    return {n: out[n] for n in named}, ed
+
+
+def _run_group(ed, case: Case, named: Mapping[str, object], log: Log) -> dict[str, Outcome]:
     out = {}
     for name, method in named.items():
         sync(ed.source)
@@ -183,14 +230,16 @@ def run_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, warmup:
         out[name] = Outcome(ed.decode(result.latent).clamp(-1, 1), result, seconds)
         if log:
             log(f"example {case.index} (seed {case.seed}) {name}: {seconds:.2f} s")
-    return out, ed
+    return out
 
 
 def _f(x: Tensor) -> float:
     return float(x.reshape(-1)[0])
 
 
-def score(case: Case, outcome: Outcome, reference: Tensor, editor, *, method: str) -> dict:
+def score(
+    case: Case, outcome: Outcome, reference: Tensor, editor, *, method: str, weights: str = "base"
+) -> dict:
     """The record of one (method, case): costs, fidelity to ``reference``, ground truth, verifier quality."""
     ex = case.example
     img, gt = outcome.image.float().cpu(), images_to_tensor([ex.target])
@@ -199,7 +248,8 @@ def score(case: Case, outcome: Outcome, reference: Tensor, editor, *, method: st
     keep = ~edit
     result = outcome.result
     rec = {
-        "method": method, "index": case.index, "seed": case.seed, "kind": ex.kind, "scope": case.scope,
+        "method": method, "weights": weights, "index": case.index, "seed": case.seed, "kind": ex.kind,
+        "scope": case.scope,
         "instruction": ex.instruction, "nfe": result.nfe, "tflops": result.flops(editor)["total"] / T,
         "latency_s": outcome.latency_s,
         "psnr_ref": _f(metrics.psnr(img, ref)), "psnr_ref_edit": _f(metrics.psnr(img, ref, edit)),
@@ -221,8 +271,8 @@ def score(case: Case, outcome: Outcome, reference: Tensor, editor, *, method: st
 
 
 def evaluate_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, reference: str = BASELINE,
-                  warmup: bool = False, log: Log = None, skip: Iterable[tuple[str, int]] = ()
-                  ) -> tuple[list[dict], dict[str, Outcome]]:  # fmt: skip
+                  warmup: bool = False, log: Log = None, skip: Iterable[tuple[str, int]] = (),
+                  lora: str | os.PathLike | None = None) -> tuple[list[dict], dict[str, Outcome]]:  # fmt: skip
     """Records of ``case`` for the methods of ``named`` ({name: method}, ``reference`` among them) whose
     (method, seed) is not in ``skip``, and the outcomes. The reference runs whenever another method does: the
     others are scored against its output."""
@@ -231,19 +281,22 @@ def evaluate_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, re
     if not todo:
         return [], {}
     outcomes, ed = run_case(toy, case, {reference: named[reference], **{m: named[m] for m in todo}},
-                            warmup=warmup, log=log)  # fmt: skip
+                            warmup=warmup, log=log, lora=lora)  # fmt: skip
     ref = outcomes[reference].image
-    return [score(case, outcomes[m], ref, ed, method=m) for m in todo], outcomes
+    return [score(case, outcomes[m], ref, ed, method=m, weights=weights_of(named[m])) for m in todo], outcomes
 
 
 def evaluate(toy: ToyEditor, cases: Sequence[Case], methods, *, reference: str = BASELINE, log: Log = None,
-             keep: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
+             keep: bool = False, lora: str | os.PathLike | None = None) -> tuple[list[dict], dict]:  # fmt: skip
     """Records of every (method, case) for ``methods`` (names or {name: method}, see :func:`resolve`; the
     ``reference`` is added first); with ``keep`` also the outcomes per case index (for panels)."""
     named = resolve(methods, reference=reference)
+    check_lora(named, lora)
     records, kept = [], {}
     for j, case in enumerate(cases):
-        recs, outcomes = evaluate_case(toy, case, named, reference=reference, warmup=j == 0, log=log)
+        recs, outcomes = evaluate_case(
+            toy, case, named, reference=reference, warmup=j == 0, log=log, lora=lora
+        )
         records += recs
         if keep:
             kept[case.index] = outcomes
@@ -273,7 +326,8 @@ def aggregate(records: Sequence[dict], *, reference: str = BASELINE) -> list[dic
     for name, rs in by.items():
         local = [r for r in rs if r["scope"] == "local"]
         glob = [r for r in rs if r["scope"] == "global"]
-        row = {"method": name, "n": len(rs), "n_local": len(local), "n_global": len(glob),
+        row = {"method": name, "weights": rs[0].get("weights", "base"), "n": len(rs), "n_local": len(local),
+               "n_global": len(glob),
                "nfe": _mean(r["nfe"] for r in rs), "tflops": _mean(r["tflops"] for r in rs),
                "latency_s": _mean(r["latency_s"] for r in rs)}  # fmt: skip
         row.update({k: _mean(r[k] for r in rs) for k in FIDELITY})
@@ -406,9 +460,8 @@ def panel(case: Case, outcomes: dict[str, Outcome], *, reference: str = BASELINE
 
 
 # ----------------------------------------------------------------------------------------------- demo
-def demo(
-    toy: ToyEditor, out: str | os.PathLike, *, methods=DEMO_METHODS, n: int = 4, log: Log = None
-) -> dict:
+def demo(toy: ToyEditor, out: str | os.PathLike, *, methods=DEMO_METHODS, n: int = 4, log: Log = None,
+         lora: str | os.PathLike | None = None) -> dict:  # fmt: skip
     """Edit the demo examples with the baseline and ``methods`` (names or {name: method}); write one panel per
     example and report.json (atomically), and delete the panels of an earlier demo in ``out`` that this one did
     not write; no other file in ``out`` is touched. Returns the report (aggregated rows under "methods",
@@ -418,7 +471,7 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale(out, _demo_owns)
     t0 = time.perf_counter()
-    records, kept = evaluate(toy, cases, methods, log=log, keep=True)
+    records, kept = evaluate(toy, cases, methods, log=log, keep=True, lora=lora)
     rows = aggregate(records)
     examples = []
     for case in cases:
@@ -596,7 +649,7 @@ def _check_setup(out: Path, setup: dict, records: Path) -> None:
 
 
 def _open_records(ranks: _Ranks, out, toy: ToyEditor, names: Sequence[str], *, n: int, offset: int,
-                  reference: str) -> tuple[SuiteRecords | None, set]:  # fmt: skip
+                  reference: str, lora: str | None = None) -> tuple[SuiteRecords | None, set]:  # fmt: skip
     """Rank 0's record store in ``out`` (None without ``out`` and on the other ranks) and the finished
     (method, seed) pairs, the same on every rank; a folder that does not fit is an error on every rank."""
     if out is None:
@@ -609,6 +662,8 @@ def _open_records(ranks: _Ranks, out, toy: ToyEditor, names: Sequence[str], *, n
             "reference": reference,
             "offset": offset,
         }
+        if lora is not None:  # the distilled methods' weights (only suites that run them record it)
+            setup["lora"] = lora
         suite = {(m, EVAL_FIRST_SEED + offset + i): i for m in names for i in range(n)}
         try:
             store = SuiteRecords(out, setup, suite)
@@ -621,8 +676,8 @@ def _open_records(ranks: _Ranks, out, toy: ToyEditor, names: Sequence[str], *, n
 
 
 def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int = 0, reference: str = BASELINE,
-                   dist: Dist | None = None, log: Log = None, out: str | os.PathLike | None = None
-                   ) -> list[dict] | None:  # fmt: skip
+                   dist: Dist | None = None, log: Log = None, out: str | os.PathLike | None = None,
+                   lora: str | os.PathLike | None = None) -> list[dict] | None:  # fmt: skip
     """Records of the eval suite for ``methods`` (names or {name: method}), sharded over the ranks of ``dist``
     (default: from the environment); the merged records (ordered by method, then example) on rank 0, None on
     the other ranks.
@@ -633,11 +688,15 @@ def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int 
     """
     dist = dist or Dist.from_env()
     named = resolve(methods, reference=reference)
+    check_lora(named, lora)
+    distilled = any(weights_of(m) == "distilled" for m in named.values())
+    lora_id = atomic.sha256(lora)[:16] if distilled else None
     if out is not None:
         out = atomic.check_folder(out)
     cases = eval_cases(n, offset, indices=dist.shard(n))
     with _Ranks(dist, toy.device) as ranks:
-        store, done = _open_records(ranks, out, toy, list(named), n=n, offset=offset, reference=reference)
+        store, done = _open_records(ranks, out, toy, list(named), n=n, offset=offset, reference=reference,
+                                    lora=lora_id)  # fmt: skip
         if done and log:
             log(f"{len(done)} records already in {store.path if store else out}: not run again")
         todo = [c for c in cases if any((m, c.seed) not in done for m in named)]
@@ -646,7 +705,7 @@ def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int 
             recs = []
             if j < len(todo):
                 recs, _ = evaluate_case(
-                    toy, todo[j], named, reference=reference, warmup=j == 0, log=log, skip=done
+                    toy, todo[j], named, reference=reference, warmup=j == 0, log=log, skip=done, lora=lora
                 )
             for part in ranks.gather(recs):
                 if store is not None:
