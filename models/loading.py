@@ -18,8 +18,9 @@ import math
 import mmap
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,6 +75,8 @@ class SafetensorsFile:
             _check_disjoint(self.path, self._info)
             # ACCESS_COPY: views are writable (copy-on-write) and never modify the file.
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+            if self._mm is not None:
+                _note_mapping(self._mm, self.path, os.fstat(f.fileno()))
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -104,6 +107,62 @@ class SafetensorsFile:
         hi = (self._base + end) // page * page
         if hi > lo:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+# ------------------------------------------------------------------------------------ file-backed tensors
+@dataclass(frozen=True)
+class FileSpan:
+    """The bytes of a tensor that is a view into the private memory map of a safetensors file opened here.
+
+    The map covers the whole file from byte 0, so ``offset`` is both the position in the file and in the map.
+    ``file_id`` is ``(st_dev, st_ino)`` of the file when it was mapped; ``address`` is the tensor's pointer.
+    """
+
+    path: Path
+    offset: int
+    nbytes: int
+    file_id: tuple[int, int]
+    address: int
+    mapping: Callable[[], mmap.mmap | None] = field(repr=False, compare=False)  # weak reference
+
+
+# (weak reference to the map, its address, its length, file path, (st_dev, st_ino)) of every file opened
+_MAPPINGS: list[tuple[weakref.ref, int, int, Path, tuple[int, int]]] = []
+
+
+def _note_mapping(mm: mmap.mmap, path: Path, st: os.stat_result) -> None:
+    _MAPPINGS[:] = [m for m in _MAPPINGS if m[0]() is not None]
+    address = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+    _MAPPINGS.append((weakref.ref(mm), address, len(mm), path, (st.st_dev, st.st_ino)))
+
+
+def file_span(t: Tensor) -> FileSpan | None:
+    """Where ``t``'s bytes lie in a safetensors file opened by :class:`SafetensorsFile`, when ``t`` is a
+    contiguous CPU tensor inside that file's (still open) memory map; None otherwise (a copy, a conversion,
+    another device). Weights loaded in their stored dtype on the CPU are such views."""
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return None
+    ptr, n = t.data_ptr(), t.numel() * t.element_size()
+    for ref, address, length, path, file_id in _MAPPINGS:
+        if address <= ptr and ptr + n <= address + length and ref() is not None:
+            return FileSpan(path, ptr - address, n, file_id, ptr, ref)
+    return None
+
+
+def revert_pages(span: FileSpan) -> list[tuple[int, int]]:
+    """Drop this process's private copies of the whole memory pages inside ``span``, so they read the file's
+    bytes again (``MADV_DONTNEED`` on a private file mapping); returns the file byte ranges ``[lo, hi)`` of
+    the span this did not cover: the partial pages at its ends, or all of it where madvise is unavailable.
+    Pages shared with neighbouring tensors are never dropped."""
+    mm = span.mapping()
+    page = mmap.PAGESIZE
+    lo = -(-span.offset // page) * page
+    hi = (span.offset + span.nbytes) // page * page
+    end = span.offset + span.nbytes
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED") or hi <= lo:
+        return [(span.offset, end)]
+    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    return [(a, b) for a, b in ((span.offset, lo), (hi, end)) if b > a]
 
 
 def _read_header(path: Path, f, size: int) -> tuple[int, dict]:
@@ -217,6 +276,13 @@ class Checkpoint(Mapping):
     def file(self, key: str) -> str:
         """The file that holds ``key`` (the shard, for a sharded checkpoint)."""
         return str(self._where[key].path)
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of its file(s), merged (a later shard's entry wins)."""
+        out: dict[str, str] = {}
+        for f in dict.fromkeys(self._where.values()):
+            out |= f.metadata
+        return out
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
