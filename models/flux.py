@@ -274,7 +274,13 @@ class LastLayer(nn.Module):
 
 
 class Flux(nn.Module):
-    """The FLUX.1 transformer; ``forward`` follows BFL's calling convention with explicit ids."""
+    """The FLUX.1 transformer; ``forward`` follows BFL's calling convention with explicit ids.
+
+    Hook point: ``stack_hook(run, img, txt) -> (img, txt)``, when set (``models.hooks.stack_hook``), replaces
+    the call ``run(img, txt)`` of the whole block stack on the embedded streams (feature caches use it).
+    """
+
+    stack_hook = None
 
     def __init__(self, cfg: FluxConfig):
         super().__init__()
@@ -327,12 +333,18 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         pe = rope(torch.cat([txt_ids, img_ids], 1), cfg.axes_dim, cfg.theta)
         img, txt = self.img_in(img), self.txt_in(txt)
+        run = lambda img, txt: self.blocks(img, txt, vec, pe)  # noqa: E731
+        img, txt = run(img, txt) if self.stack_hook is None else self.stack_hook(run, img, txt)
+        return self.final_layer(img, vec)
+
+    def blocks(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        """The block stack: double-stream blocks, then single-stream blocks on [txt, img]; (img, txt) out."""
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, pe)
         x = torch.cat([txt, img], 1)
         for block in self.single_blocks:
             x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        return x[:, txt.shape[1] :], x[:, : txt.shape[1]]
 
 
 def _batched_ids(ids: Tensor, tokens: Tensor, name: str) -> Tensor:

@@ -325,7 +325,13 @@ class NormOut(nn.Module):
 
 
 class QwenImage(nn.Module):
-    """The Qwen-Image MMDiT; ``forward`` takes explicit (frame, row, col) ids for image and text tokens."""
+    """The Qwen-Image MMDiT; ``forward`` takes explicit (frame, row, col) ids for image and text tokens.
+
+    Hook point: ``stack_hook(run, img, txt) -> (img, txt)``, when set (``models.hooks.stack_hook``), replaces
+    the call ``run(img, txt)`` of the block stack on the embedded streams (feature caches use it).
+    """
+
+    stack_hook = None
 
     def __init__(self, cfg: QwenImageConfig):
         super().__init__()
@@ -389,8 +395,13 @@ class QwenImage(nn.Module):
         txt_vec = vec[:b]
         txt = self.txt_in(self.txt_norm(txt))
         pe = rope(torch.cat([txt_ids, img_ids], 1), cfg.axes_dim, cfg.theta)
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, vec, txt_vec, pe, mask, is_ref)
+
+        def run(img: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+            for block in self.transformer_blocks:
+                img, txt = block(img, txt, vec, txt_vec, pe, mask, is_ref)
+            return img, txt
+
+        img, txt = run(img, txt) if self.stack_hook is None else self.stack_hook(run, img, txt)
         return self.proj_out(self.norm_out(img, txt_vec))
 
 

@@ -70,6 +70,24 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class Forecast:
+    """One cached step of a feature cache (``samplers.caching``): the same tokens as the :class:`Forward` it
+    replaces, but the block stack's output streams are forecast from cached features with ``terms``
+    multiply-adds per element instead of computed (the embedders and output layer, under 0.5 % of a forward,
+    are not counted)."""
+
+    stage: str
+    n_target: int
+    ref_factor: float
+    batch: int = 1
+    terms: int = 1
+
+    @property
+    def part(self) -> str:
+        return self.stage
+
+
+@dataclass(frozen=True)
 class VaeWork:
     """VAE work on ``count`` latents of ``size`` (latent pixels): "decode" (the whole decoder), "features" (the
     decoder up to the deepest of ``taps``) or "encode" (``size`` is then the latent the image encodes to)."""
@@ -127,13 +145,19 @@ class Costs:
 
     vae_class: ClassVar[type]
 
-    def cost(self, work: Forward | VaeWork) -> float:
+    def cost(self, work: Forward | Forecast | VaeWork) -> float:
         """FLOPs of one recorded or planned unit of work."""
         if isinstance(work, Forward):
             return self.forward(work)
+        if isinstance(work, Forecast):
+            return 2.0 * work.terms * self.stream_elements(work)
         if isinstance(work, VaeWork):
             return work.count * vae_flops(self.vae_class, self.vae, work.op, tuple(work.size), work.taps)
-        raise TypeError(f"cannot price {work!r}: expected a Forward or a VaeWork")
+        raise TypeError(f"cannot price {work!r}: expected a Forward, a Forecast or a VaeWork")
 
     def forward(self, work: Forward) -> float:
         raise NotImplementedError(f"{type(self).__name__} must price Forward work")
+
+    def stream_elements(self, work: Forecast) -> int:
+        """Elements of the block stack's output streams (tokens x width x batch x CFG branches) in ``work``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot price cached steps (no stream_elements)")

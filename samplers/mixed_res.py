@@ -15,6 +15,7 @@ re-noised from e_i back to s_{i+1} = e_i / (Z (1 - e_i) + e_i).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.work import EditShape, Forward
+from models.hooks import stack_hook
+from models.work import EditShape, Forecast, Forward
+from samplers.caching import StageCache
 from samplers.expand import CoherentField, HaarExpander, Transition, rewind
 from samplers.field import NoiseField, area_resize
 from samplers.flow import sample
@@ -62,9 +65,12 @@ class Recorder:
     user: Callable[[dict], None] | None = None
     v: Tensor | None = None
     finite: list[Tensor] = field(default_factory=list)
+    computes: list[bool] | None = None  # a feature cache's schedule: the other steps record ``cached``
+    cached: Forecast | None = None
 
     def __call__(self, info: dict) -> None:
-        self.events.append(self.work)
+        computed = self.computes is None or self.computes[info["i"]]
+        self.events.append(self.work if computed else self.cached)
         self.v = info["v"]
         self.finite.append(torch.isfinite(info["x"]).all())
         if self.user is not None:
@@ -80,18 +86,50 @@ class Recorder:
 
 
 def sample_stage(editor, layout: Layout, x: Tensor, sigmas: Tensor, stage: str, *, traj: Trajectory,
-                 callback=None, progress: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+                 callback=None, progress: bool = False, cache=None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Euler steps over ``sigmas`` with the tokens at ``layout``; the state and the last velocity (None when the
-    stage has no steps). Forwards go to ``traj.events``, wall time to ``traj.seconds[stage]``."""
+    stage has no steps). Forwards go to ``traj.events``, wall time to ``traj.seconds[stage]``. ``cache``: a
+    feature-cache policy (``samplers.caching``) serving this stage through ``editor.model``'s stack hook."""
     if len(sigmas) < 2:
         return x, None
     rec = Recorder(Forward(stage, len(layout), layout.ref_factor, x.shape[0]), traj.events, callback)
     sync(x)
     t0 = time.perf_counter()
-    x = sample(editor.denoiser(layout), x, sigmas, callback=rec, progress=progress, desc=stage)
+    denoiser, hooked = editor.denoiser(layout), contextlib.nullcontext()
+    if cache is not None:
+        denoiser, hooked = _cached(editor, denoiser, cache, len(sigmas) - 1, rec)
+    with hooked:
+        x = sample(denoiser, x, sigmas, callback=rec, progress=progress, desc=stage)
     rec.check(sigmas)  # one sync per stage, instead of a black image at the end
     traj.seconds[stage] = traj.seconds.get(stage, 0.0) + time.perf_counter() - t0
     return x, rec.v
+
+
+def _cached(editor, denoiser, policy, n: int, rec: Recorder):
+    """The denoiser with a fresh :class:`~samplers.caching.StageCache` told each step, and the hook context."""
+    model = getattr(editor, "model", None)
+    if not hasattr(model, "stack_hook"):
+        raise ValueError(f"{type(editor).__name__}.model has no stack_hook: feature caching needs the models' "
+                         "block-stack hook point (models.hooks)")  # fmt: skip
+    cache, steps = StageCache(policy, n), iter(range(n))
+    rec.computes = policy.schedule(n)
+    rec.cached = Forecast(
+        rec.work.stage, rec.work.n_target, rec.work.ref_factor, rec.work.batch, policy.terms
+    )
+
+    def cached_denoiser(x: Tensor, sigma: Tensor) -> Tensor:
+        cache.begin(next(steps))
+        return denoiser(x, sigma)
+
+    return cached_denoiser, stack_hook(model, cache.hook)
+
+
+def cached_plan(work: Forward, n: int, policy) -> list[Forward | Forecast]:
+    """The events of ``n`` steps of ``work`` under a feature-cache ``policy`` (None: all computed)."""
+    if policy is None:
+        return [work] * n
+    cached = Forecast(work.stage, work.n_target, work.ref_factor, work.batch, policy.terms)
+    return [work if c else cached for c in policy.schedule(n)]
 
 
 def _no_init(x0_init, name: str) -> None:
@@ -109,6 +147,7 @@ class FullResSampler:
 
     steps: int = 50
     schedule: ShiftSchedule | None = None
+    cache: Any = None  # a feature-cache policy (samplers.caching); None: every step computed
 
     def __post_init__(self):
         if self.steps < 1:
@@ -122,12 +161,13 @@ class FullResSampler:
         sigmas = flow_sigmas(self.steps, len(layout), schedule).to(noise_field.fine.device)
         traj = Trajectory(latent=noise_field.fine)
         x, _ = sample_stage(editor, layout, editor.pack(noise_field.fine), sigmas, "full", traj=traj,
-                            callback=callback, progress=progress)  # fmt: skip
+                            callback=callback, progress=progress, cache=self.cache)  # fmt: skip
         traj.latent = editor.unpack(x, editor.grid)
         return traj
 
     def plan(self, shape: EditShape, n_expanded: int = 0, *, skip_first: bool = False) -> list[Forward]:
-        return [Forward("full", shape.grid[0] * shape.grid[1], 1.0, shape.batch)] * self.steps
+        work = Forward("full", shape.grid[0] * shape.grid[1], 1.0, shape.batch)
+        return cached_plan(work, self.steps, self.cache)
 
 
 @dataclass(frozen=True)
@@ -141,7 +181,8 @@ class MixedResSampler:
     (:class:`~samplers.expand.CoherentField`, ``IID``, ``NoRenoise``, ``RaluCorrelated``). expander: the
     coarse -> fine operator. align: position of coarse tokens ("topleft" or "center"). ref_mode: "coarse" keeps
     the reference at the coarse level until the last stage (the paper's FLOPs imply it), "full" keeps it at full
-    resolution throughout.
+    resolution throughout. cache: a feature-cache policy (``samplers.caching``), restarted in each stage named
+    by ``cache_stages``.
     """
 
     steps: tuple[int, int, int]
@@ -152,8 +193,12 @@ class MixedResSampler:
     expander: Any = HaarExpander()
     align: str = "topleft"
     ref_mode: str = "coarse"
+    cache: Any = None
+    cache_stages: tuple[str, ...] = ("coarse", "mixed", "full")
 
     def __post_init__(self):
+        if not set(self.cache_stages) <= {"coarse", "mixed", "full"}:
+            raise ValueError(f"cache_stages must name coarse, mixed or full stages, got {self.cache_stages}")
         if not callable(getattr(self.renoise, "renoise", None)):
             raise ValueError(f"renoise must be a strategy object such as CoherentField() or RaluCorrelated(), "
                              f"got {self.renoise!r}")  # fmt: skip
@@ -206,9 +251,15 @@ class MixedResSampler:
         """The forwards of a run that expands ``n_expanded`` coarse cells (stage 1 skipped with ``skip_first``)."""
         nc, b = shape.coarse[0] * shape.coarse[1], shape.batch
         n1 = 0 if skip_first else self.steps[0]
-        return ([Forward("coarse", nc, self.ref_factor, b)] * n1
-                + [Forward("mixed", nc + 3 * n_expanded, self.ref_factor, b)] * self.steps[1]
-                + [Forward("full", shape.grid[0] * shape.grid[1], 1.0, b)] * self.steps[2])  # fmt: skip
+        works = (Forward("coarse", nc, self.ref_factor, b), Forward("mixed", nc + 3 * n_expanded, self.ref_factor, b),
+                 Forward("full", shape.grid[0] * shape.grid[1], 1.0, b))  # fmt: skip
+        return [
+            e for w, n in zip(works, (n1, *self.steps[1:])) for e in cached_plan(w, n, self.cache_of(w.stage))
+        ]
+
+    def cache_of(self, stage: str):
+        """The feature-cache policy of ``stage`` (None: uncached)."""
+        return self.cache if stage in self.cache_stages else None
 
     def sample(self, editor, noise_field: NoiseField, select, *, x0_init: Tensor | None = None, callback=None,
                progress=False) -> Trajectory:  # fmt: skip
@@ -243,7 +294,7 @@ class MixedResSampler:
             return editor.pack((e1 * x0.float() + (1 - e1) * noise.float()).to(noise.dtype)), None
         gc = (editor.grid[0] // 2, editor.grid[1] // 2)
         layout = Layout.full(gc, ref_factor=self.ref_factor, offset=0.25 if self.align == "center" else 0.0)
-        return run(layout, editor.pack(noise), sigmas, "coarse")
+        return run(layout, editor.pack(noise), sigmas, "coarse", cache=self.cache_of("coarse"))
 
     def _estimate(self, editor, x: Tensor, v: Tensor | None, x0_init: Tensor | None) -> Tensor:
         """The coarse clean estimate at the end of stage 1, for selectors that look at the trajectory."""
@@ -270,7 +321,7 @@ class MixedResSampler:
         groups = len(keep) + torch.arange(len(children), device=x.device).view(-1, 4)
         x = self._renoise(x, e1, self.starts()[1], field_tok, groups, noise_field, salt=1)
         layout = Layout.mixed(expanded, align=self.align, ref_factor=self.ref_factor)
-        return run(layout, x, sigmas, "mixed")
+        return run(layout, x, sigmas, "mixed", cache=self.cache_of("mixed"))
 
     def _to_full(self, editor, noise_field, x, v, expanded, sigmas, run) -> Tensor:
         """Transition 2 -> 3 (expand the remaining coarse cells, back to raster order, re-noise), then stage 3."""
@@ -292,7 +343,7 @@ class MixedResSampler:
         x = self._renoise(
             fine, e2, self.starts()[2], editor.pack(noise_field.fine), groups, noise_field, salt=2
         )
-        return run(Layout.full(editor.grid), x, sigmas, "full")[0]
+        return run(Layout.full(editor.grid), x, sigmas, "full", cache=self.cache_of("full"))[0]
 
     def _renoise(self, x, e, s, field_tokens, groups, noise_field: NoiseField, salt: int) -> Tensor:
         fresh = lambda shape: noise_field.fresh(shape, salt)

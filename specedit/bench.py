@@ -17,6 +17,7 @@ import time
 import torch
 from torch import Tensor
 
+from models.work import Forecast
 from samplers.mixed_res import sync
 from specedit.families import Family, get_family
 from specedit.presets import methods
@@ -45,8 +46,19 @@ def meta_rows(names: list[str], *, family: str | Family, height: int, width: int
         plan = table[name].plan(shape, expand_fraction)
         t = tflops(table[name])
         rows.append({"method": name, "nfe": plan.nfe, "tflops": t, "flops_speedup": base / t, "latency_s": None,
-                     "latency_speedup": None, "expanded_fraction": plan.fraction})  # fmt: skip
+                     "latency_speedup": None, "expanded_fraction": plan.fraction,
+                     "cache_mib": cache_bytes(table[name], plan.events, costs[True]) / 2**20})  # fmt: skip
     return rows
+
+
+def cache_bytes(method, events, costs, itemsize: int = 2) -> float:
+    """Peak bytes a method's feature cache holds (0 without one): its policy's feature sets (``held``) times
+    the elements of the block stack's streams of the largest cached stage, per CFG branch, in bf16 (2 bytes)."""
+    policy = getattr(getattr(method, "sampler", None), "cache", None)
+    cached = [e for e in events if isinstance(e, Forecast)]
+    if policy is None or not cached:
+        return 0.0
+    return float(max(policy.held * costs.stream_elements(e) * itemsize for e in cached))
 
 
 # ----------------------------------------------------------------------------------------------- latency

@@ -104,14 +104,14 @@ def _bench_latency(a: argparse.Namespace, fam, names: list[str]) -> list[dict]:
 
 def _table(rows: list[dict]) -> str:
     fmt = lambda v, spec, unit="": "-" if v is None else format(v, spec) + unit
-    lines = [
-        f"{'method':22s} {'NFE':>4s} {'latency (s)':>12s} {'speed':>7s} {'TFLOPs':>10s} {'speed':>7s} {'expanded':>9s}"
-    ]
+    w = max(22, *(len(r["method"]) for r in rows))
+    head = f"{'method':{w}s} {'NFE':>4s} {'latency (s)':>12s} {'speed':>7s} {'TFLOPs':>10s} {'speed':>7s}"
+    lines = [head + f" {'expanded':>9s} {'cache MiB':>10s}"]
     for r in rows:
         lines.append(
-            f"{r['method']:22s} {r['nfe']:4d} {fmt(r['latency_s'], '12.3f')} "
+            f"{r['method']:{w}s} {r['nfe']:4d} {fmt(r['latency_s'], '12.3f')} "
             f"{fmt(r['latency_speedup'], '6.2f', 'x'):>7s} {r['tflops']:10.2f} {r['flops_speedup']:6.2f}x "
-            f"{fmt(r['expanded_fraction'], '9.3f')}"
+            f"{fmt(r['expanded_fraction'], '9.3f'):>9s} {fmt(r.get('cache_mib') or None, '10.1f'):>10s}"
         )
     return "\n".join(lines)
 

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.work import EditShape, Forward, VaeWork
+from models.work import EditShape, Forecast, Forward, VaeWork
 from samplers.field import NoiseField
 from samplers.mixed_res import Trajectory
 from verify.verifiers import Verdict
 
-Event = Forward | VaeWork
+Event = Forward | Forecast | VaeWork
 
 
 @dataclass
@@ -63,7 +63,8 @@ class Plan:
 
 
 def nfe(events: list[Event]) -> int:
-    return sum(1 for e in events if isinstance(e, Forward) and e.stage != "draft")
+    """Steps of the main trajectory: computed forwards and feature-cache forecasts (the paper counts both)."""
+    return sum(1 for e in events if isinstance(e, Forward | Forecast) and e.stage != "draft")
 
 
 def itemize(events: list[Event], cost) -> dict[str, float]:

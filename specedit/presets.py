@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from samplers.caching import FORA, FoCa, FreqCa, TaylorSeer
 from samplers.expand import RaluCorrelated, ReplicateExpander
 from samplers.mixed_res import BottleneckSampler, FullResSampler, MixedResSampler
 from samplers.schedules import flow_sigmas
@@ -35,6 +36,18 @@ RALU = {"4x": ((5, 6, 7), (0.3, 0.45), (5.019, 2.589, 2.226), 6.317, 0.3),
         "7x": ((2, 3, 5), (0.2, 0.3), (8.141, 2.856, 2.193), 6.261, 0.1)}  # fmt: skip
 BOTTLENECK = {30: (5, 18, 7), 18: (3, 10, 5)}
 DISTILL_SPLITS = {8: (1, 4, 3), 6: (1, 3, 2), 4: (1, 2, 1)}  # NFE -> (N1, N2, N3) on a distilled model
+# feature caches on the 50-step baseline, named by method and interval (the paper's Tables 1-3 settings;
+# TaylorSeer order 1 and FreqCa order 2 / cutoff 0.1 / 3 warm-up steps are their public code's defaults)
+CACHES = {"fora-5": FORA(interval=5), "fora-7": FORA(interval=7), "taylorseer-6": TaylorSeer(interval=6),
+          "taylorseer-9": TaylorSeer(interval=9), "freqca-6": FreqCa(interval=6), "freqca-9": FreqCa(interval=9),
+          "foca-6": FoCa(interval=6), "foca-9": FoCa(interval=9)}  # fmt: skip
+# SpecEdit-30 + TaylorSeer (the paper's Table 7): interval 4, order 1, 3 warm-up steps, restarted per stage on
+# the mixed and full stages (the 4-step coarse stage lies within the warm-up); "-all" also caches the coarse
+# stage, "-full" only the full stage (compositions the paper did not report)
+SPECEDIT_CACHES = {"specedit-30-taylorseer": ("mixed", "full"),
+                   "specedit-30-taylorseer-all": ("coarse", "mixed", "full"),
+                   "specedit-30-taylorseer-full": ("full",)}  # fmt: skip
+SPECEDIT_CACHE = TaylorSeer(interval=4)
 FRESCO_FRACTION = 0.25  # Fresco's variance selection at the expanded fraction the SpecEdit presets assume
 
 
@@ -110,6 +123,12 @@ def methods(family: str | Family) -> dict[str, object]:
     if 18 in fitted:
         out.update(ablations(fam, out["specedit-18"]))
     out.update(distilled_methods(fam))
+    out.update({name: Baseline(FullResSampler(50, cache=c)) for name, c in CACHES.items()})
+    if 30 in fitted:
+        s30 = out["specedit-30"].sampler
+        for name, stages in SPECEDIT_CACHES.items():
+            sampler = replace(s30, cache=SPECEDIT_CACHE, cache_stages=stages)
+            out[name] = replace(out["specedit-30"], sampler=sampler)
     return out
 
 

@@ -25,7 +25,7 @@ from models.flux_kontext import (
     reference_ids,
 )
 from models.packing import pack, unpack
-from models.work import Costs, Forward, VaeWork
+from models.work import Costs, Forecast, Forward, VaeWork
 from samplers.guidance import cfg
 from samplers.layout import Layout, scaled_grid
 from samplers.schedules import FLUX_SCHEDULE, ShiftSchedule
@@ -48,12 +48,17 @@ class KontextCosts(Costs):
 
     vae_class = flux_ae.AutoEncoder
 
+    def image_tokens(self, n_target: int, ref_factor: float) -> int:
+        refs = (self.grid, *self.ref_grids)
+        return n_target + sum(g[0] * g[1] for g in (scaled_grid(r, ref_factor) for r in refs))
+
     def forward(self, work: Forward) -> float:
-        refs = sum(
-            g[0] * g[1] for g in (scaled_grid(r, work.ref_factor) for r in (self.grid, *self.ref_grids))
-        )
-        one = flux.flops(self.model, work.n_target + refs, self.text_tokens, work.batch)["total"]
-        return self.branches * one
+        n = self.image_tokens(work.n_target, work.ref_factor)
+        return self.branches * flux.flops(self.model, n, self.text_tokens, work.batch)["total"]
+
+    def stream_elements(self, work: Forecast) -> int:
+        n = self.image_tokens(work.n_target, work.ref_factor) + self.text_tokens
+        return self.branches * work.batch * n * self.model.hidden_size
 
 
 @dataclass(eq=False)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from models import qwen_image, qwen_image_vae
 from models.packing import pack, unpack
-from models.work import Costs, Forward, VaeWork
+from models.work import Costs, Forecast, Forward, VaeWork
 from samplers.guidance import Prompt, guided_denoiser
 from samplers.layout import Layout, scaled_grid
 from samplers.schedules import QWEN_SCHEDULE, ShiftSchedule
@@ -65,8 +65,15 @@ class QwenCosts(Costs):
 
     def forward(self, work: Forward) -> float:
         n = self.image_tokens(work.n_target, work.ref_factor)
-        lengths = [self.text_tokens] + ([] if self.neg_text_tokens is None else [self.neg_text_tokens])
-        return sum(qwen_image.flops(self.model, n, l, work.batch)["total"] for l in lengths)
+        return sum(qwen_image.flops(self.model, n, l, work.batch)["total"] for l in self._lengths())
+
+    def stream_elements(self, work: Forecast) -> int:
+        n = self.image_tokens(work.n_target, work.ref_factor)
+        return sum(work.batch * (n + l) * self.model.hidden_size for l in self._lengths())
+
+    def _lengths(self) -> list[int]:
+        """Text length of each CFG branch."""
+        return [self.text_tokens] + ([] if self.neg_text_tokens is None else [self.neg_text_tokens])
 
 
 def centred(pos: Tensor, n: int) -> Tensor:

@@ -94,7 +94,10 @@ def fourier(pos: Tensor, dim: int) -> Tensor:
 
 class TinyDiT(nn.Module):
     """Joint attention over [target tokens, reference tokens] with explicit float positions, modulated by the
-    noise level and a condition vector; returns the target tokens' velocity."""
+    noise level and a condition vector; returns the target tokens' velocity. Its block stack is the models'
+    hook point (``stack_hook``, see models.hooks), so feature caches serve it too."""
+
+    stack_hook = None
 
     def __init__(self, config: TinyDiTConfig):
         super().__init__()
@@ -112,8 +115,13 @@ class TinyDiT(nn.Module):
         tokens = torch.cat([x, ref.to(x.dtype).expand(x.shape[0], -1, -1)], 1)
         h = self.img_in(tokens) + self.pos_in(fourier(torch.cat([pos, ref_pos]), POS_FEATURES).to(x))
         h = h + self.cond_in(torch.cat([cond, sigma.expand(x.shape[0])[:, None]], 1).to(x))[:, None]
-        for block in self.blocks:
-            h = block(h)
+
+        def run(h: Tensor, none: Tensor) -> tuple[Tensor, Tensor]:  # one joint stream: the second is empty
+            for block in self.blocks:
+                h = block(h)
+            return h, none
+
+        h, _ = run(h, h[:, :0]) if self.stack_hook is None else self.stack_hook(run, h, h[:, :0])
         return self.out(h[:, :n])
 
 
@@ -128,6 +136,10 @@ class TinyCosts(Costs):
     grid: tuple[int, int]
 
     vae_class = TinyVAE
+
+    def stream_elements(self, work) -> int:
+        rh, rw = scaled_grid(self.grid, work.ref_factor)
+        return work.batch * (work.n_target + rh * rw) * self.model.width
 
     def forward(self, work: Forward) -> float:
         rh, rw = scaled_grid(self.grid, work.ref_factor)

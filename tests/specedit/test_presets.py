@@ -168,3 +168,19 @@ def test_distill_stages_visit_the_students_sigmas(family, nfe):
     )
     base = methods(fam)[f"distilled-{nfe}"]
     assert base.sampler.steps == nfe and base.sampler.schedule is fam.distilled.schedule
+
+
+# the paper's caching rows (Tables 1-3 and 7): FLOPs speedups against each 50-step base model
+PAPER_CACHE_SPEEDUP = {
+    "kontext": {"taylorseer-6": 5.00, "taylorseer-9": 6.24, "specedit-30-taylorseer": 6.70},
+    "qwen": {"fora-5": 5.00, "taylorseer-6": 5.00, "taylorseer-9": 6.25, "freqca-9": 6.25},
+}
+
+
+@pytest.mark.parametrize("family", list(PAPER_CACHE_SPEEDUP))
+def test_caching_flops_speedups_match_the_paper(family):
+    paper = PAPER_CACHE_SPEEDUP[family]
+    rows = meta_rows(list(paper), family=family, height=1024, width=1024, expand_fraction=0.25)
+    for r in rows:
+        assert r["flops_speedup"] == pytest.approx(paper[r["method"]], rel=0.10), r
+        assert r["nfe"] == (30 if r["method"].startswith("specedit") else 50) and r["cache_mib"] > 0
