@@ -41,7 +41,9 @@ class Editor(Protocol):
       reference at ``layout.ref_factor`` and the family's guidance (distilled embedding, or true CFG with
       both branches on the same token set).
     - ``features(latent, taps)`` / ``decode(latent)``: the VAE decoder, for verifiers.
-    - ``cost(work)``: FLOPs of one recorded :class:`~models.work.Forward` or :class:`~models.work.VaeWork`.
+    - ``cost(work)``: FLOPs of one recorded :class:`~models.work.Forward`, :class:`~models.work.Forecast` or
+      :class:`~models.work.VaeWork`.
+    - ``model`` (optional): the transformer, whose ``stack_hook`` (``models.hooks``) feature caches use.
     """
 
     source: Tensor
@@ -107,6 +109,21 @@ class Renoise(Protocol):
     min_z: float
 
     def renoise(self, x: Tensor, t: Transition) -> Tensor: ...
+
+
+@runtime_checkable
+class FeatureCache(Protocol):
+    """Serve a sampling stage's block-stack features (``samplers.caching``): at step ``i`` of ``n`` either call
+    ``run()`` (the blocks' residual on each stream) and keep what the method needs, or forecast them from
+    ``memory``; returns (features, new memory). ``schedule(n)``: which steps compute (the plan's view).
+    ``terms``: multiply-adds per element of a forecast (its cost); ``held``: feature sets kept in memory."""
+
+    terms: int
+    held: int
+
+    def step(self, memory: Any, i: int, n: int, run: Callable[[], tuple[Tensor, ...]]) -> tuple: ...
+
+    def schedule(self, n: int) -> list[bool]: ...
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ import torch
 from outside_family import register_outside
 
 from models.work import EditShape, Forecast, Forward, VaeWork
+from samplers.caching import FORA, FoCa, FreqCa, TaylorSeer
 from samplers.expand import IID, CoherentField, HaarExpander, NoRenoise, RaluCorrelated, ReplicateExpander
 from samplers.mixed_res import BottleneckSampler, FullResSampler, MixedResSampler
 from specedit import protocols
@@ -143,6 +144,7 @@ PARTS = {
         BottleneckSampler(),
     ],  # fmt: skip
     protocols.Renoise: [CoherentField(), IID(), NoRenoise(), RaluCorrelated()],
+    protocols.FeatureCache: [FORA(interval=5), TaylorSeer(interval=6), FreqCa(interval=9), FoCa(interval=9)],
 }
 
 
