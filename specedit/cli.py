@@ -192,7 +192,10 @@ def _edit(a: argparse.Namespace) -> dict:
     out = pipe.edit(images, a.prompt, method=a.method, seed=a.seed, steps=a.steps, guidance=a.guidance,
                     true_cfg_scale=a.true_cfg_scale, negative_prompt=a.negative_prompt, height=a.height,
                     width=a.width, progress=not a.quiet)  # fmt: skip
-    return _save_edit(a, out)
+    summary = _save_edit(a, out)
+    if pipe.loras:
+        summary["loras"] = [list(entry) for entry in pipe.loras]
+    return summary
 
 
 def _save_edit(a: argparse.Namespace, out) -> dict:

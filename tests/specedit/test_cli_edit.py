@@ -81,3 +81,32 @@ def test_edit_cli_qwen(qwen_repo, image, tmp_path, capsys, method):
     assert Image.open(out).size == (128, 128)
     assert summary["nfe"] == (3 if method == "baseline" else 18)
     assert (method == "baseline") == ("expanded_fraction" not in summary)
+
+
+def test_edit_cli_with_a_distilled_lora(repo, image, tmp_path, capsys):
+    """--lora PATH:SCALE (BFL layout) with --distilled runs a distilled preset; --schedule overrides the schedule;
+    the summary names the fused LoRAs and the same edit without the LoRA differs."""
+    import torch
+    from safetensors.torch import save_file
+
+    from specedit.kontext.pipeline import KontextPipeline
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for n, m in KontextPipeline.from_pretrained(repo).model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "blocks" in n:
+            lora[f"diffusion_model.{n}.lora_A.weight"] = 0.3 * torch.randn(2, m.in_features, generator=g)
+            lora[f"diffusion_model.{n}.lora_B.weight"] = 0.3 * torch.randn(m.out_features, 2, generator=g)
+    save_file(lora, tmp_path / "fast.safetensors")
+    outs = []
+    for extra in ([], ["--lora", f"{tmp_path / 'fast.safetensors'}:0.7", "--distilled"]):
+        out = tmp_path / f"out{len(extra)}.png"
+        method = "specedit-distill-8" if extra else "specedit-18"
+        args = ["edit", "--weights", str(repo), "--image", str(image), "--prompt", "make the sky green", "--out",
+                str(out), "--method", method, "--height", "128", "--width", "128", "--dtype", "fp32",
+                "--device", "cpu", "--quiet", "--schedule", "flux", *extra]  # fmt: skip
+        assert main(args) == 0
+        summary = json.loads(capsys.readouterr().out)
+        outs.append(np.asarray(Image.open(out)))
+    assert summary["nfe"] == 8 and summary["loras"] == [["fast.safetensors", 0.7]]
+    assert not np.array_equal(*outs)
