@@ -107,7 +107,10 @@ class FeatureVerifier:
     uniform: stride k of the uniform set joined to the edit set (None: semantic set only). semantic: False
     drops the edit set (uniform-only ablation; then no candidate is needed). budget: instead of the threshold,
     expand a fixed fraction of the cells: the uniform set first, then the highest-scoring cells (a fixed-cost
-    variant, also what benchmarks at a given expanded fraction use).
+    variant, also what benchmarks at a given expanded fraction use). buckets: static token budgets for compiled
+    sampling: the threshold rule's count (edit set and uniform set) is rounded up to the smallest of these
+    fractions that holds it, and the extra cells are the next highest-scoring ones, so an edit of a given size
+    runs one of ``len(buckets)`` mixed-stage shapes (e.g. ``STATIC_BUCKETS``). None: the exact threshold.
     """
 
     tau: float = 0.75
@@ -120,8 +123,14 @@ class FeatureVerifier:
     uniform: int | None = 3
     semantic: bool = True
     budget: float | None = None
+    buckets: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        if self.buckets is not None:
+            if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[-1] != 1.0:
+                raise ValueError(f"buckets must be increasing fractions ending at 1.0, got {self.buckets}")
+            for b in self.buckets:
+                _check_fraction("buckets", b)
         for name, value, options in (("reference", self.reference, ("full", "roundtrip")),
                                      ("upsample", self.upsample, ("bilinear", "nearest")),
                                      ("pool", self.pool, ("mean", "max"))):  # fmt: skip
@@ -148,6 +157,10 @@ class FeatureVerifier:
     def needs_candidate(self) -> bool:
         return self.semantic
 
+    def bucket(self, fraction: float) -> float:
+        """The smallest of ``buckets`` that holds ``fraction`` of the cells."""
+        return next(b for b in self.buckets if b >= fraction - 1e-9)
+
     def with_budget(self, fraction: float) -> FeatureVerifier:
         """The same verifier expanding a fixed ``fraction`` (top scores) instead of thresholding."""
         return replace(self, budget=fraction) if self.semantic else self
@@ -157,7 +170,7 @@ class FeatureVerifier:
             return VerifierPlan([], uniform_fraction(shape.coarse, self.uniform))
         work = [VaeWork("features", shape.latent, self.taps, 2 * shape.batch)]
         if self.budget is None:
-            return VerifierPlan(work, fraction)
+            return VerifierPlan(work, fraction if self.buckets is None else self.bucket(fraction))
         n = shape.coarse[0] * shape.coarse[1]
         given = round(uniform_fraction(shape.coarse, self.uniform) * n)
         return VerifierPlan(work, max(round(self.budget * n), given) / n)
@@ -186,10 +199,17 @@ class FeatureVerifier:
         cells = normalize_scores(pool_scores(score, grid, self.pool), self.score_norm)
         if self.budget is None:
             edit = dilate(cells > self.tau, self.dilation)
+            if self.buckets is not None:  # round the count up to a bucket with the next best cells
+                count = int((edit | uniform).flatten(1).sum(1).max())
+                fraction = self.bucket(count / cells[0].numel())
+                edit = edit | _top_cells(torch.where(edit, torch.inf, cells), uniform, fraction)
         else:
             edit = _top_cells(cells, uniform, self.budget)
         events = [VaeWork("features", size, self.taps, 2 * b)]
         return Verdict(mask=edit | uniform, edit=edit, score=cells, events=events)
+
+
+STATIC_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)  # expanded fractions of FeatureVerifier(buckets=...)
 
 
 def _top_cells(score: Tensor, given: Tensor, fraction: float) -> Tensor:

@@ -1,4 +1,7 @@
-"""Verifiers: the discrepancy metric, thresholds, the uniform set, budgets, Canny and variance selection."""
+"""Verifiers: the discrepancy metric, thresholds, the uniform set, budgets, static buckets, Canny and variance
+selection."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -85,3 +88,24 @@ def test_ralu_and_fresco_selectors(editor):
     assert int(fv.mask.sum()) == 8
     low = VarianceVerifier(0.5, order="low_first").verify(editor, coarse)
     assert not (low.mask & fv.mask).any()
+
+
+def test_static_buckets_round_the_threshold_count_up(editor):
+    """The thresholded set (plus the uniform set) is kept and completed with the next best cells up to the
+    smallest bucket that holds it; plans report the bucket."""
+    from models.work import EditShape
+    from verify.verifiers import STATIC_BUCKETS
+
+    cand = editor.source.clone()
+    cand[..., 4:8, :12] += 3 * torch.randn(1, 4, 4, 12)  # three cells of the second row change
+    exact = FeatureVerifier(tau=0.5, score_norm="minmax", uniform=None)
+    bucketed = replace(exact, buckets=STATIC_BUCKETS)
+    a, b = exact.verify(editor, cand), bucketed.verify(editor, cand)
+    n = a.mask[0].numel()
+    assert 0 < a.mask.sum() < b.mask.sum() and (a.mask <= b.mask).all()
+    assert b.mask.sum() / n in STATIC_BUCKETS and b.mask.sum() / n == bucketed.bucket(a.mask.sum() / n)
+    assert bucketed.plan(EditShape.of(editor), 0.3).fraction == 0.375
+    with pytest.raises(
+        ValueError, match=r"buckets must be increasing fractions ending at 1.0, got \(0.5, 0.25"
+    ):
+        FeatureVerifier(buckets=(0.5, 0.25, 1.0))
