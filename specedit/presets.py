@@ -26,7 +26,7 @@ from samplers.mixed_res import BottleneckSampler, FullResSampler, MixedResSample
 from samplers.schedules import flow_sigmas
 from specedit.families import Family, get_family
 from specedit.method import Baseline, SpecEdit
-from verify.verifiers import CannyVerifier, VarianceVerifier
+from verify.verifiers import STATIC_BUCKETS, CannyVerifier, FeatureVerifier, VarianceVerifier
 
 # NFE -> ((N1, N2, N3), (e1, e2))
 SPLITS = {30: ((4, 18, 8), (0.3, 0.65)), 18: ((5, 8, 5), (0.3, 0.6)), 11: ((3, 3, 5), (0.2, 0.3)),
@@ -122,6 +122,12 @@ def methods(family: str | Family) -> dict[str, object]:
         out[f"bottleneck-{n}"] = Baseline(BottleneckSampler(steps=BOTTLENECK[n]))
     if 18 in fitted:
         out.update(ablations(fam, out["specedit-18"]))
+    for n in (18, 9):  # static token budgets for compiled runs (verify.verifiers.STATIC_BUCKETS)
+        if n in fitted and isinstance(out[f"specedit-{n}"].verifier, FeatureVerifier):
+            v = out[f"specedit-{n}"].verifier
+            out[f"specedit-{n}-static"] = replace(
+                out[f"specedit-{n}"], verifier=replace(v, buckets=STATIC_BUCKETS)
+            )
     out.update(distilled_methods(fam))
     out.update({name: Baseline(FullResSampler(50, cache=c)) for name, c in CACHES.items()})
     if 30 in fitted:
