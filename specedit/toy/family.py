@@ -14,6 +14,11 @@ Kontext one; what differs is its calibration:
   expanded on global edits over 30 local and 30 global calibration edits (seeds 7,000,000+;
   ``python benchmarks/calibrate_toy_verifier.py --n 60``): IoU 0.648, 0.927 expanded on global ones.
 
+- Distilled. ``weights/distill_lora.safetensors`` is a few-step LoRA of the shipped editor (piecewise
+  rectified flow toward its own 4-, 6- and 8-step schedules, ``specedit.toy.distill``; recipe and results in
+  ``weights/MODEL_CARD.md``), so ``distilled-N`` and ``specedit-distill-N`` (N = 8, 6, 4) run on it with the
+  base schedule and no CFG, and can be judged against the 50-step teacher and the ground truth.
+
 ``FITTED``: ``fit_ntdm(steps, ends, h_ori, z_bounds=(12, 100))`` for each split against the toy's
 full-resolution shift at its 16 x 16 grid (h_ori = e^0.5 = 1.649, 256 tokens); ``FREE_FIT`` with
 ``z_bounds=(1, 100)``.
@@ -29,7 +34,7 @@ from models import flux, flux_ae
 from models.init import random_module, randomized_module
 from samplers.schedules import FLUX_SCHEDULE
 from specedit.drafters import LowResDrafter
-from specedit.families import Family
+from specedit.families import Distilled, Family
 from specedit.kontext.editor import KontextCosts, KontextEditor
 from specedit.toy.model import TEXT_TOKENS, TOY_AE, TOY_DIT, ToyEditor
 from verify.verifiers import FeatureVerifier
@@ -101,4 +106,5 @@ FAMILY = Family(
     random_editor=random_editor,
     bench_configs=("toy",),
     pipeline=ToyEditor,
+    distilled=Distilled(steps={8: 8, 6: 6, 4: 4}, source="specedit/toy/weights/distill_lora.safetensors"),
 )
