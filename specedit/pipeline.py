@@ -578,12 +578,61 @@ def finish(result, editor, output: str, seconds: dict, one_off: dict, reference,
 class Placement:
     """Where a pipeline's weights live. dtype: cast every floating weight (None keeps the files' dtypes). device:
     where the transformer runs and everything computes. offload_text_encoders: keep the text encoders on the CPU
-    (they run on ``device`` on borrowed copies). vae_device: where the VAE is kept (None: ``device``)."""
+    (they run on ``device`` on borrowed copies). vae_device: where the VAE is kept (None: ``device``).
+    transformer_offload: None keeps the whole transformer on ``device``; an integer n >= 1 keeps its blocks in
+    CPU memory (pinned on CUDA) and streams them through ``device``, at most n there at once, the next ones
+    prefetched on a side stream (``models.offload``; 2 overlaps one copy with one block's compute). fp8: the
+    transformer blocks' linear layers as float8_e4m3fn weights with per-output-channel scales, quantised at
+    load time from the checkpoint (``models.fp8``). vae_tiling: None decodes and encodes whole images; an
+    integer tile size in latent pixels (>= 2, e.g. 64: 512 px tiles at 8x) runs the VAE on tiles overlapping by
+    a quarter tile, linearly blended (``models.tiling``)."""
 
     dtype: torch.dtype | None = None
     device: torch.device = torch.device("cpu")
     offload_text_encoders: bool = True
     vae_device: torch.device | None = None
+    transformer_offload: int | None = None
+    fp8: bool = False
+    vae_tiling: int | None = None
+
+    def __post_init__(self):
+        from models.tiling import check_tiling
+
+        n = self.transformer_offload
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(
+                f"transformer_offload must be None or a number of resident blocks >= 1, got {n!r}"
+            )
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"fp8 must be True or False, got {self.fp8!r}")
+        if self.vae_tiling is not None:
+            check_tiling(self.vae_tiling, self.vae_tiling // 4 if isinstance(self.vae_tiling, int) else 0)
+
+    def place_transformer(self, load) -> nn.Module:
+        """``load(device)`` (the family's transformer loader) with fp8 and block offload applied: without
+        either it loads on ``device``; with one it loads on the CPU (memory-mapped), quantises each layer on
+        ``device`` (kept on the CPU when offloaded) and then moves the model or its non-block part there."""
+        if not self.fp8 and self.transformer_offload is None:
+            return load(self.device)
+        from models.fp8 import quantize_fp8
+        from models.offload import offload_blocks
+
+        model = load(torch.device("cpu"))
+        if self.fp8:
+            keep = torch.device("cpu") if self.transformer_offload else self.device
+            quantize_fp8(model, device=self.device, keep=keep)
+        if self.transformer_offload is None:
+            return model.to(self.device)
+        offload_blocks(model, self.device, self.transformer_offload)
+        return model
+
+    def place_vae(self, vae: nn.Module) -> nn.Module:
+        """``vae``, tiled (``models.tiling.TiledVAE``) when ``vae_tiling`` is set."""
+        if self.vae_tiling is None:
+            return vae
+        from models.tiling import TiledVAE
+
+        return TiledVAE(vae, self.vae_tiling)
 
     @property
     def text_home(self) -> torch.device:
@@ -617,16 +666,21 @@ class EditPipeline:
         device: str | torch.device = "cpu",
         offload_text_encoders: bool = True,
         vae_device: str | torch.device | None = None,
+        transformer_offload: int | None = None,
+        fp8: bool = False,
+        vae_tiling: int | None = None,
         **options,
     ):
         """Load from a local repo folder, a hub id or a model name of the family's table (None: ``default_id``).
 
-        dtype, device, offload_text_encoders, vae_device: see :class:`Placement`. options: the family's
-        components (``transformer=``, ``vae=``, ``text_encoder=``, ...: a folder, a single file or a hub id
-        instead of the repo's) and settings, as its ``load`` documents.
+        dtype, device, offload_text_encoders, vae_device, transformer_offload (resident blocks), fp8, vae_tiling
+        (tile size in latent pixels): see :class:`Placement`; bad values raise before anything is loaded.
+        options: the family's components (``transformer=``, ``vae=``, ``text_encoder=``, ...: a folder, a single
+        file or a hub id instead of the repo's) and settings, as its ``load`` documents.
         """
         vae_home = None if vae_device is None else torch.device(vae_device)
-        where = Placement(dtype, torch.device(device), offload_text_encoders, vae_home)
+        where = Placement(dtype, torch.device(device), offload_text_encoders, vae_home,
+                          transformer_offload, fp8, vae_tiling)  # fmt: skip
         return cls.load(cls.default_id if path_or_id is None else path_or_id, where, **options)
 
     # ------------------------------------------------------------------------------------------- LoRAs

@@ -167,8 +167,11 @@ class KontextPipeline(EditPipeline):
         paths = {name: overrides.get(name, root) for name in COMPONENTS}
         dtype = where.dtype
         pipe = cls(
-            model=load_flux(paths["transformer"], dtype=dtype, device=where.device),
-            ae=OnDemand(load_flux_ae(paths["vae"], dtype=dtype, device=where.vae_home), where.vae_home),
+            model=where.place_transformer(lambda d: load_flux(paths["transformer"], dtype=dtype, device=d)),
+            ae=OnDemand(
+                where.place_vae(load_flux_ae(paths["vae"], dtype=dtype, device=where.vae_home)),
+                where.vae_home,
+            ),
             t5=load_t5(paths["text_encoder_2"], dtype=dtype, device=where.text_home),
             clip=load_clip(paths["text_encoder"], dtype=dtype, device=where.text_home),
             t5_tokenizer=load_t5_tokenizer(paths["tokenizer_2"], max_length=max_sequence_length),

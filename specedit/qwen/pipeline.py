@@ -168,8 +168,12 @@ class QwenEditPipeline(EditPipeline):
         root = resolve_root(path_or_id, COMPONENTS, overrides, what="Qwen-Image-Edit")
         paths = {name: overrides.get(name, root) for name in COMPONENTS}
         pipe = cls(
-            transformer=_load(paths["transformer"], root, "transformer", where.dtype, where.device),
-            vae=OnDemand(_load(paths["vae"], root, "vae", where.dtype, where.vae_home), where.vae_home),
+            transformer=where.place_transformer(
+                lambda d: _load(paths["transformer"], root, "transformer", where.dtype, d)
+            ),
+            vae=OnDemand(
+                where.place_vae(_load(paths["vae"], root, "vae", where.dtype, where.vae_home)), where.vae_home
+            ),
             text_encoder=_load(paths["text_encoder"], root, "text_encoder", where.dtype, where.text_home),
             processor=load_qwen_processor(paths["processor"]),
             variant=variant or named or _variant(root),
