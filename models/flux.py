@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from models.attention import attention as attend
 from models.loading import (
     Checkpoint,
     Derived,
@@ -132,8 +133,9 @@ def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-    """Joint attention over (b, h, s, d) with RoPE on q and k -> (b, s, h*d)."""
-    out = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
+    """Joint attention over (b, h, s, d) with RoPE on q and k -> (b, s, h*d), on the backend of
+    ``models.attention`` (default: SDPA)."""
+    out = attend(apply_rope(q, pe), apply_rope(k, pe), v)
     return rearrange(out, "b h s d -> b s (h d)")
 
 

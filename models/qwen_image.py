@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.attention import attention as attend
 from models.loading import (
     build_on_meta,
     load_checkpoint,
@@ -226,10 +227,7 @@ class Attention(nn.Module):
         k = torch.cat([self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))], 1)
         v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], 1)
         q, k = apply_rope(q, pe), apply_rope(k, pe)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-        ).transpose(1, 2)  # b s h d
-        out = out.flatten(2)
+        out = attend(q, k, v, mask, layout="bshd").flatten(2)  # backend of models.attention
         l = txt.shape[1]
         return self.to_out[0](out[:, l:]), self.to_add_out(out[:, :l])
 
