@@ -4,7 +4,8 @@ Per method it reports NFE, TFLOPs (every transformer forward incl. the draft and
 verifier's VAE work), the FLOPs speedup over the 50-step baseline, the expanded fraction and, with weights,
 the median latency of ``method.run`` (draft + verification + all sampling stages; prompt encoding and the
 final VAE decode are common to every method and excluded) with a breakdown into transformer forwards, VAE
-work and the rest (mixed-resolution bookkeeping: gathers, scatters, ids, masks, expansion, re-noising).
+work and the rest (mixed-resolution bookkeeping: gathers, scatters, ids, masks, expansion, re-noising), and
+the ``torch.compile`` graphs built after the warm-up (``recompiles``; a compiled transformer should build none).
 Every family is found through ``specedit.families``: its cost model prices the plans, its random-weight
 editor is timed.
 """
@@ -17,6 +18,8 @@ import time
 import torch
 from torch import Tensor
 
+from models.attention import get_backend, resolve
+from models.compile import compile_count
 from models.work import Forecast
 from samplers.mixed_res import sync
 from specedit.families import Family, get_family
@@ -95,21 +98,23 @@ class TimedEditor:
 
 
 @torch.no_grad()
-def _timed_run(method, editor, seed: int) -> tuple[float, float, float, object]:
+def _timed_run(method, editor, seed: int) -> tuple[float, float, float, object, int]:
     timed = TimedEditor(editor)
+    compiled = compile_count()
     sync(editor.source)
     t0 = time.perf_counter()
     result = method.run(timed, seed)
     sync(editor.source)
-    return time.perf_counter() - t0, timed.forward_s, timed.vae_s, result
+    return time.perf_counter() - t0, timed.forward_s, timed.vae_s, result, compile_count() - compiled
 
 
-def _summary(runs: list[tuple[float, float, float, object]]) -> dict:
-    """Median run (by wall time) with its forward / VAE / remaining ("overhead") split."""
-    total, fwd, vae, result = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+def _summary(runs: list[tuple[float, float, float, object, int]]) -> dict:
+    """Median run (by wall time) with its forward / VAE / remaining ("overhead") split; ``recompiles``: graphs
+    ``torch.compile`` built during the timed runs (all of them; 0 after a sufficient warm-up)."""
+    total, fwd, vae, result, _ = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     return {"latency_s": statistics.median(r[0] for r in runs), "forward_s": fwd, "vae_s": vae,
             "overhead_s": total - fwd - vae, "overhead_pct": 100 * (total - fwd - vae) / total,
-            "result": result}  # fmt: skip
+            "recompiles": sum(r[4] for r in runs), "result": result}  # fmt: skip
 
 
 @torch.no_grad()
@@ -158,6 +163,15 @@ def latency_rows(names: list[str], editor, *, family: str | Family, expand_fract
         if name in names:
             rows.append(row)
     return rows
+
+
+def attention_used(editor) -> str:
+    """The attention backend the editor's transformer runs under the current setting (``models.attention``):
+    a masked text stream (padded prompts) hands the mask-less kernels' calls to "sdpa"."""
+    masked = any(getattr(editor, n, None) is not None for n in ("txt_mask", "neg_mask"))
+    neg = getattr(editor, "neg_txt", None)
+    masked = masked or (neg is not None and neg.shape[1] != editor.txt.shape[1])
+    return resolve(get_backend(), masked)
 
 
 def device_peak(device: str, dtype: torch.dtype) -> float | None:

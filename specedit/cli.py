@@ -96,10 +96,56 @@ def _bench_latency(a: argparse.Namespace, fam, names: list[str]) -> list[dict]:
     if config not in fam.bench_configs:
         raise ValueError(f"--config {config!r}: family {fam.name!r} has sizes {', '.join(fam.bench_configs)}")
     fam.grid(a.height, a.width)  # validates the size before building anything
+    options = _compile_options(a)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     editor = fam.random_editor(config, a.height, a.width, device=a.device, dtype=dtype)
-    return bench.latency_rows(names, editor, family=fam, expand_fraction=a.expand_fraction, warmup=a.warmup,
-                              repeats=a.repeats, peak_tflops=bench.device_peak(a.device, dtype))  # fmt: skip
+    if options is not None:
+        from models.compile import compile_transformer
+
+        compile_transformer(editor.model, options)
+    from models.attention import use_backend
+
+    with use_backend(a.attention):
+        rows = bench.latency_rows(names, editor, family=fam, expand_fraction=a.expand_fraction, warmup=a.warmup,
+                                  repeats=a.repeats, peak_tflops=bench.device_peak(a.device, dtype))  # fmt: skip
+        used = bench.attention_used(editor)
+    compiled = None if options is None else options.mode or "default"
+    return [dict(r, attention=used, compile=compiled) for r in rows]
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_options(a: argparse.Namespace):
+    """The ``models.compile.CompileOptions`` of ``--compile`` (None without it); checked before any loading."""
+    if a.compile is None:
+        return None
+    from models.compile import CompileOptions
+
+    mode = None if a.compile == "default" else a.compile
+    return CompileOptions(mode, backend=a.compile_backend, dynamic_tokens=not a.static_shapes)
+
+
+def _attention(name: str) -> str:
+    from models.attention import check_backend
+
+    try:
+        return check_backend(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_speed_flags(p) -> None:
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the transformer (fullgraph; MODE: default, reduce-overhead = CUDA graphs, "
+                   "max-autotune, max-autotune-no-cudagraphs); the first run compiles")  # fmt: skip
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (eager / aot_eager: no code generation, for checks)")  # fmt: skip
+    p.add_argument("--static-shapes", action="store_true",
+                   help="--compile: one graph per token count instead of dynamic token dimensions")  # fmt: skip
+    p.add_argument("--attention", type=_attention, default="sdpa",
+                   help="attention backend: sdpa (PyTorch picks), flash, cudnn, efficient, math (SDPA kernels), "
+                   "fa3 (FlashAttention-3), sage (SageAttention)")  # fmt: skip
 
 
 def _table(rows: list[dict]) -> str:
@@ -113,6 +159,10 @@ def _table(rows: list[dict]) -> str:
             f"{fmt(r['latency_speedup'], '6.2f', 'x'):>7s} {r['tflops']:10.2f} {r['flops_speedup']:6.2f}x "
             f"{fmt(r['expanded_fraction'], '9.3f'):>9s} {fmt(r.get('cache_mib') or None, '10.1f'):>10s}"
         )
+    if "attention" in rows[0]:
+        recompiles = sum(r["recompiles"] for r in rows)
+        lines.append(f"attention: {rows[0]['attention']}; compile: {rows[0]['compile'] or 'off'}; "
+                     f"recompiles after warm-up: {recompiles}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -151,6 +201,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=v.non_negative_int, default=1)
     p.add_argument("--repeats", type=v.positive_int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per method")
+    _add_speed_flags(p)
     p.set_defaults(func=_bench)  # fmt: skip
 
 
@@ -176,6 +227,7 @@ def _edit(a: argparse.Namespace) -> dict:
     for path in a.image:  # unreadable or truncated images fail here, before any weight is loaded
         load_image(path)
     v.check_output_file(a.out, a.image, overwrite=a.overwrite)
+    compiling = _compile_options(a)
     if a.save_mask:
         v.check_output_file(a.save_mask, [*a.image, a.out], overwrite=a.overwrite)
         if os.path.abspath(a.save_mask) == os.path.abspath(a.out):
@@ -188,11 +240,19 @@ def _edit(a: argparse.Namespace) -> dict:
         pipe.load_lora(path, scale, distilled=True if a.distilled else None)
     if a.schedule is not None:
         pipe.schedule = a.schedule
+    pipe.use_attention(a.attention)
+    if compiling is not None:
+        pipe.compile(compiling.mode, backend=compiling.backend, dynamic_tokens=compiling.dynamic_tokens)
     images = a.image if len(a.image) > 1 else a.image[0]
     out = pipe.edit(images, a.prompt, method=a.method, seed=a.seed, steps=a.steps, guidance=a.guidance,
                     true_cfg_scale=a.true_cfg_scale, negative_prompt=a.negative_prompt, height=a.height,
                     width=a.width, progress=not a.quiet)  # fmt: skip
     summary = _save_edit(a, out)
+    from models.attention import use_backend
+    from specedit.bench import attention_used
+
+    with use_backend(a.attention):
+        summary["attention"], summary["compile"] = attention_used(out.editor), a.compile
     if pipe.loras:
         summary["loras"] = [list(entry) for entry in pipe.loras]
     return summary
@@ -302,6 +362,7 @@ def _add_edit(sub) -> None:
         "or a scheduler_config.json (default: the model's, or its distilled LoRA's)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_speed_flags(p)
     p.set_defaults(func=_edit)  # fmt: skip
 
 
