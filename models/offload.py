@@ -156,17 +156,18 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 
 def offload_blocks(
-    model: nn.Module, device: str | torch.device, resident: int = 2, *, pin: bool | None = None
+    model: nn.Module, device: str | torch.device, resident: int = 2, *, lists=None, pin: bool | None = None
 ) -> BlockOffload:
-    """Offload ``model``'s blocks (:func:`block_lists`): they stay where they are (the CPU), everything else
-    moves to ``device``, and each forward streams the blocks through ``device`` with at most ``resident`` there
-    at once (:class:`BlockOffload`, kept as ``model.block_offload``). ``pin`` (default: when ``device`` is
-    CUDA) copies the blocks' home tensors into pinned memory, which makes the copies asynchronous but gives
-    up a memory map of the checkpoint for those tensors."""
+    """Offload ``model``'s blocks (the modules of ``lists``, in the order they run; default
+    :func:`block_lists`): they stay where they are (the CPU), everything else moves to ``device``, and each
+    forward streams the blocks through ``device`` with at most ``resident`` there at once
+    (:class:`BlockOffload`, kept as ``model.block_offload``). ``pin`` (default: when ``device`` is CUDA) copies
+    the blocks' home tensors into pinned memory, which makes the copies asynchronous but gives up a memory map
+    of the checkpoint for those tensors."""
     device = torch.device(device)
     if getattr(model, "block_offload", None) is not None:
         raise ValueError(f"{type(model).__name__} is offloaded already")
-    lists = block_lists(model)
+    lists = block_lists(model) if lists is None else list(lists)
     blocks = [b for lst in lists for b in lst]
     at_home = {id(t) for b in blocks for _, _, t in _tensors(b)}
     if any(t.device.type != "cpu" for b in blocks for _, _, t in _tensors(b)):

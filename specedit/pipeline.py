@@ -47,7 +47,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from models.attention import use_backend
 from models.imageio import load_image, pil_to_tensor, resize, tensor_to_pil
 from models.loading import download, is_repo_id, read_config
 from models.packing import pack
@@ -343,9 +342,10 @@ def borrowed(module: nn.Module, device: str | torch.device):
     """Run ``module`` on ``device`` while it lives elsewhere: its parameters and buffers are swapped for copies
     on ``device`` for the duration and swapped back afterwards. Nothing is copied back and the home tensors
     (e.g. CPU weights memory-mapped from the checkpoint) are neither freed nor re-materialised, so an
-    offloaded module costs one host-to-device copy per use."""
+    offloaded module costs one host-to-device copy per use. A module whose blocks stream themselves
+    (``models.offload.offload_blocks``) is run as it is."""
     device = torch.device(device)
-    if device_of(module) == device:
+    if device_of(module) == device or getattr(module, "block_offload", None) is not None:
         yield module
         return
     saved = []
@@ -586,7 +586,10 @@ class Placement:
     transformer blocks' linear layers as float8_e4m3fn weights with per-output-channel scales, quantised at
     load time from the checkpoint (``models.fp8``). vae_tiling: None decodes and encodes whole images; an
     integer tile size in latent pixels (>= 2, e.g. 64: 512 px tiles at 8x) runs the VAE on tiles overlapping by
-    a quarter tile, linearly blended (``models.tiling``)."""
+    a quarter tile, linearly blended (``models.tiling``). text_encoder_offload: None borrows the whole text
+    encoder around prompt encoding; an integer n >= 1 (Qwen-Image-Edit's VL encoder) keeps its vision blocks
+    and decoder layers memory-mapped on the CPU (not pinned: the map is kept) and streams them through
+    ``device`` n at a time, the rest of the encoder (embeddings, norms, patch merger) on ``device``."""
 
     dtype: torch.dtype | None = None
     device: torch.device = torch.device("cpu")
@@ -595,15 +598,15 @@ class Placement:
     transformer_offload: int | None = None
     fp8: bool = False
     vae_tiling: int | None = None
+    text_encoder_offload: int | None = None
 
     def __post_init__(self):
         from models.tiling import check_tiling
 
-        n = self.transformer_offload
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(
-                f"transformer_offload must be None or a number of resident blocks >= 1, got {n!r}"
-            )
+        for name in ("transformer_offload", "text_encoder_offload"):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{name} must be None or a number of resident blocks >= 1, got {n!r}")
         if not isinstance(self.fp8, bool):
             raise ValueError(f"fp8 must be True or False, got {self.fp8!r}")
         if self.vae_tiling is not None:
@@ -635,9 +638,19 @@ class Placement:
 
         return TiledVAE(vae, self.vae_tiling)
 
+    def place_text_encoder(self, encoder: nn.Module, lists) -> nn.Module:
+        """``encoder`` (loaded on the CPU) with its block ``lists`` streamed through ``device`` when
+        ``text_encoder_offload`` is set (``models.offload.offload_blocks`` with ``pin=False``)."""
+        if self.text_encoder_offload is not None:
+            from models.offload import offload_blocks
+
+            offload_blocks(encoder, self.device, self.text_encoder_offload, lists=lists, pin=False)
+        return encoder
+
     @property
     def text_home(self) -> torch.device:
-        return torch.device("cpu") if self.offload_text_encoders else self.device
+        lean = self.offload_text_encoders or self.text_encoder_offload is not None
+        return torch.device("cpu") if lean else self.device
 
     @property
     def vae_home(self) -> torch.device:
@@ -657,7 +670,6 @@ class EditPipeline:
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of each LoRA fused by load_lora, in order
     distilled_steps: int | None = None  # the step count of fused step-distilled weights (None: base weights)
     base_schedule = None  # the schedule to restore when distilled weights switched it
-    attention: str = "sdpa"  # the models.attention backend edit samples with (set by use_attention)
 
     @classmethod
     def from_pretrained(
@@ -671,43 +683,26 @@ class EditPipeline:
         transformer_offload: int | None = None,
         fp8: bool = False,
         vae_tiling: int | None = None,
+        text_encoder_offload: int | None = None,
         **options,
     ):
         """Load from a local repo folder, a hub id or a model name of the family's table (None: ``default_id``).
 
         dtype, device, offload_text_encoders, vae_device, transformer_offload (resident blocks), fp8, vae_tiling
-        (tile size in latent pixels): see :class:`Placement`; bad values raise before anything is loaded.
+        (tile size in latent pixels), text_encoder_offload (resident blocks): see :class:`Placement`; bad values
+        raise before anything is loaded.
         options: the family's components (``transformer=``, ``vae=``, ``text_encoder=``, ...: a folder, a single
         file or a hub id instead of the repo's) and settings, as its ``load`` documents.
         """
         vae_home = None if vae_device is None else torch.device(vae_device)
         where = Placement(dtype, torch.device(device), offload_text_encoders, vae_home,
-                          transformer_offload, fp8, vae_tiling)  # fmt: skip
+                          transformer_offload, fp8, vae_tiling, text_encoder_offload)  # fmt: skip
         return cls.load(cls.default_id if path_or_id is None else path_or_id, where, **options)
 
     # ------------------------------------------------------------------------------------------- LoRAs
     def transformer_module(self) -> nn.Module:
         """The denoising transformer LoRAs are fused into."""
         raise NotImplementedError
-
-    def compile(self, mode: str | None = None, **options):
-        """Compile the transformer in place (``models.compile.compile_transformer``; returns the pipeline):
-        fullgraph, token counts dynamic (one graph for every stage and verifier bucket, compiled by the first
-        edit), eager while a feature cache hooks the block stack. mode: ``torch.compile``'s (None,
-        "max-autotune-no-cudagraphs", "reduce-overhead", ...); options: ``backend=``, ``fullgraph=``,
-        ``dynamic_tokens=`` of :class:`models.compile.CompileOptions`."""
-        from models.compile import CompileOptions, compile_transformer
-
-        compile_transformer(self.transformer_module(), CompileOptions(mode, **options))
-        return self
-
-    def use_attention(self, name: str):
-        """Sample with attention backend ``name`` (``models.attention.BACKENDS``: "sdpa", "flash", "cudnn",
-        "efficient", "math", "fa3", "sage"); an unknown name or a missing package fails here."""
-        from models.attention import check_backend
-
-        self.attention = check_backend(name)
-        return self
 
     def load_lora(self, source, scale: float = 1.0, *, distilled: bool | int | None = None) -> list[str]:
         """Fuse a LoRA into the transformer (``models.lora.fuse_lora``); returns the fused module paths.
@@ -799,10 +794,7 @@ class EditPipeline:
             samples, options, height, width, batched_cfg, full_resolution(runner)
         )
         t1 = time.perf_counter()
-        with use_backend(self.attention):
-            result, editor = run_method(
-                runner, editors, seed, self._stack, callback=callback, progress=progress
-            )
+        result, editor = run_method(runner, editors, seed, self._stack, callback=callback, progress=progress)
         sync(result.latent)
         seconds["sample"] = time.perf_counter() - t1
         if output != "latent":

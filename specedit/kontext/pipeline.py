@@ -157,6 +157,9 @@ class KontextPipeline(EditPipeline):
         instead of the repo's. max_sequence_length: T5 tokens (512 as in BFL and diffusers; at most 512).
         reference_method: placement of further references (``models.flux_kontext.reference_ids``).
         """
+        if where.text_encoder_offload is not None:
+            raise ValueError("text_encoder_offload streams Qwen-Image-Edit's VL encoder; FLUX.1-Kontext's T5 and "
+                             "CLIP are borrowed whole (offload_text_encoders)")  # fmt: skip
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
         given = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -174,7 +174,9 @@ class QwenEditPipeline(EditPipeline):
             vae=OnDemand(
                 where.place_vae(_load(paths["vae"], root, "vae", where.dtype, where.vae_home)), where.vae_home
             ),
-            text_encoder=_load(paths["text_encoder"], root, "text_encoder", where.dtype, where.text_home),
+            text_encoder=_text_encoder(
+                where, _load(paths["text_encoder"], root, "text_encoder", where.dtype, where.text_home)
+            ),
             processor=load_qwen_processor(paths["processor"]),
             variant=variant or named or _variant(root),
             schedule=read_schedule(root / "scheduler" / "scheduler_config.json", QWEN_SCHEDULE),
@@ -322,6 +324,12 @@ _LOADERS = {
     "vae": (qwen_image_vae.load_qwen_image_vae, qwen_image_vae.config_from_diffusers),
     "text_encoder": (qwen2_5_vl.load_qwen2_5_vl, qwen2_5_vl.config_from_transformers),
 }
+
+
+def _text_encoder(where: Placement, encoder: qwen2_5_vl.Qwen2_5_VL) -> qwen2_5_vl.Qwen2_5_VL:
+    """The VL encoder placed: with ``text_encoder_offload`` its vision blocks, then its decoder layers (the
+    order an encoding runs them), stream through the device (:meth:`Placement.place_text_encoder`)."""
+    return where.place_text_encoder(encoder, [encoder.visual.blocks, encoder.model.layers])
 
 
 def _load(path, root: Path, name: str, dtype: torch.dtype | None, device: torch.device):

@@ -150,6 +150,7 @@ def test_cuda_offload_is_bit_exact_and_lean():
     ("fp8", "yes", "fp8 must be True or False"),
     ("vae_tiling", 1, "vae tile must be an integer >= 2"),
     ("vae_tiling", 8.0, "vae tile must be an integer >= 2"),
+    ("text_encoder_offload", 0, "text_encoder_offload must be None or a number of resident blocks >= 1"),
 ])  # fmt: skip
 def test_bad_pipeline_options_fail_before_loading(option, value, match):
     from specedit.kontext.pipeline import KontextPipeline
@@ -167,12 +168,12 @@ def kontext_repo(tmp_path_factory):
     return write_tiny_kontext_repo(tmp_path_factory.mktemp("kontext") / "FLUX.1-Kontext-dev")
 
 
-def aligned(model):
+def aligned(model, lists=None):
     """``model`` with its blocks' memory-mapped weights replaced by copies. A mapped weight sits where the file
     puts it (often not 64-byte aligned) and the CPU matmul kernels round differently there, so the bit-exact
     reference for the offload path (whose blocks run on fresh, aligned copies) has its blocks on aligned
     copies, as a GPU-resident transformer has."""
-    for m in (m for lst in block_lists(model) for m in lst.modules()):
+    for m in (m for lst in lists or block_lists(model) for m in lst.modules()):
         for k, t in m._parameters.items():
             if t is not None:
                 m._parameters[k] = torch.nn.Parameter(t.detach().clone(), requires_grad=False)
@@ -238,6 +239,35 @@ def test_qwen_pipeline_offload_and_text_encoder_stays_mapped(qwen_repo):
     assert torch.equal(out.latent, ref.latent)
     assert {n: p.data_ptr() for n, p in te.named_parameters()} == before
     assert all(file_span(p) is not None for p in te.parameters())
+
+
+@torch.no_grad()
+def test_qwen_text_encoder_streaming_is_exact_and_keeps_the_map(qwen_repo):
+    """text_encoder_offload: the VL encoder's vision blocks and decoder layers stream through the device one
+    at a time from their memory-mapped home tensors (not pinned), and the edit is the borrowed-encoder one."""
+    from models.loading import file_span
+    from specedit.qwen.pipeline import QwenEditPipeline
+
+    image, kw = _image(96, 128), dict(steps=2, seed=1, output="latent")
+    base = QwenEditPipeline.from_pretrained(qwen_repo, area=128 * 128)
+    te = base.text_encoder
+    aligned(te, [te.visual.blocks, te.model.layers])
+    ref = base.edit(image, "a kite", **kw)
+    pipe = QwenEditPipeline.from_pretrained(qwen_repo, area=128 * 128, text_encoder_offload=1)
+    te = pipe.text_encoder
+    homes = [p for lst in (te.visual.blocks, te.model.layers) for p in lst.parameters()]
+    ptrs = [p.data_ptr() for p in homes]
+    assert torch.equal(pipe.edit(image, "a kite", **kw).latent, ref.latent)
+    off = te.block_offload
+    assert off.peak_resident == 1 and off.transfers >= len(te.visual.blocks) + len(te.model.layers)
+    assert [p.data_ptr() for p in homes] == ptrs and all(file_span(p) is not None for p in homes)
+
+
+def test_kontext_refuses_text_encoder_offload(kontext_repo):
+    from specedit.kontext.pipeline import KontextPipeline
+
+    with pytest.raises(ValueError, match="text_encoder_offload streams Qwen-Image-Edit's VL encoder"):
+        KontextPipeline.from_pretrained(kontext_repo, text_encoder_offload=1)
 
 
 def test_borrowed_elsewhere_keeps_the_memory_map(qwen_repo):
