@@ -52,7 +52,9 @@ class CompileOptions:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"compile mode {self.mode!r} is unknown; choose from {', '.join(map(str, MODES))}")
+            raise ValueError(
+                f"compile mode {self.mode!r} is unknown; choose from {', '.join(map(str, MODES))}"
+            )
         if self.mode not in (None, "default") and self.backend != "inductor":
             raise ValueError(f"compile mode {self.mode!r} needs the inductor backend, got {self.backend!r}")
         if self.backend not in torch._dynamo.list_backends(exclude_tags=()):
@@ -98,6 +100,11 @@ def compile_transformer(model: nn.Module, options: CompileOptions | None = None,
     options = options or CompileOptions(**kwargs)
     if is_compiled(model):
         raise ValueError(f"{type(model).__name__} is compiled already ({model.forward.options})")
+    if getattr(model, "block_offload", None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} streams its blocks (models.offload, forward hooks and side streams): "
+            "compile a resident transformer (no transformer_offload)"
+        )
     if not options.dynamic_tokens:
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

@@ -127,6 +127,10 @@ def test_options_and_errors():
     compile_transformer(model, CompileOptions(backend="eager"))
     with pytest.raises(ValueError, match="Flux is compiled already"):
         compile_transformer(model, backend="eager")
+    offloaded, _, _ = _flux()
+    offloaded.block_offload = object()  # what models.offload.offload_blocks leaves
+    with pytest.raises(ValueError, match="Flux streams its blocks .* compile a resident transformer"):
+        compile_transformer(offloaded, backend="eager")
     keys = set(model.state_dict())
     assert is_compiled(model) and not is_compiled(uncompile(model)) and set(model.state_dict()) == keys
 
