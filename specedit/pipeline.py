@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from models.attention import use_backend
 from models.imageio import load_image, pil_to_tensor, resize, tensor_to_pil
 from models.loading import download, is_repo_id, read_config
 from models.packing import pack
@@ -670,6 +671,7 @@ class EditPipeline:
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of each LoRA fused by load_lora, in order
     distilled_steps: int | None = None  # the step count of fused step-distilled weights (None: base weights)
     base_schedule = None  # the schedule to restore when distilled weights switched it
+    attention: str = "sdpa"  # the models.attention backend edit samples with (set by use_attention)
 
     @classmethod
     def from_pretrained(
@@ -703,6 +705,25 @@ class EditPipeline:
     def transformer_module(self) -> nn.Module:
         """The denoising transformer LoRAs are fused into."""
         raise NotImplementedError
+
+    def compile(self, mode: str | None = None, **options):
+        """Compile the transformer in place (``models.compile.compile_transformer``; returns the pipeline):
+        fullgraph, token counts dynamic (one graph for every stage and verifier bucket, compiled by the first
+        edit), eager while a feature cache hooks the block stack. mode: ``torch.compile``'s (None,
+        "max-autotune-no-cudagraphs", "reduce-overhead", ...); options: ``backend=``, ``fullgraph=``,
+        ``dynamic_tokens=`` of :class:`models.compile.CompileOptions`."""
+        from models.compile import CompileOptions, compile_transformer
+
+        compile_transformer(self.transformer_module(), CompileOptions(mode, **options))
+        return self
+
+    def use_attention(self, name: str):
+        """Sample with attention backend ``name`` (``models.attention.BACKENDS``: "sdpa", "flash", "cudnn",
+        "efficient", "math", "fa3", "sage"); an unknown name or a missing package fails here."""
+        from models.attention import check_backend
+
+        self.attention = check_backend(name)
+        return self
 
     def load_lora(self, source, scale: float = 1.0, *, distilled: bool | int | None = None) -> list[str]:
         """Fuse a LoRA into the transformer (``models.lora.fuse_lora``); returns the fused module paths.
@@ -794,7 +815,10 @@ class EditPipeline:
             samples, options, height, width, batched_cfg, full_resolution(runner)
         )
         t1 = time.perf_counter()
-        result, editor = run_method(runner, editors, seed, self._stack, callback=callback, progress=progress)
+        with use_backend(self.attention):
+            result, editor = run_method(
+                runner, editors, seed, self._stack, callback=callback, progress=progress
+            )
         sync(result.latent)
         seconds["sample"] = time.perf_counter() - t1
         if output != "latent":
