@@ -162,7 +162,8 @@ def test_distill_stages_visit_the_students_sigmas(family, nfe):
     stages = method.sampler.stage_sigmas(fam.fit_tokens, schedule)
     joined = torch.cat([stages[0], *(s[1:] for s in stages[1:])])
     assert torch.allclose(joined, flow_sigmas(nfe, fam.fit_tokens, schedule), atol=1e-6)
-    assert method.sampler.z == 1.0 and method.weights == "distilled"
+    assert method.sampler.z == 1.0 and method.weights == "distilled"  # no rewind: the student's own sigmas
+    assert methods("toy")[f"specedit-distill-{nfe}"].sampler.z == get_family("toy").z_floor == 12.0
     assert (
         method.drafter.steps == fam.distilled.steps[nfe] and method.drafter.schedule is fam.distilled.schedule
     )
