@@ -8,6 +8,10 @@ the transformer output for bf16 against fp32, fp8 (``models.fp8.quantize_fp8``, 
 and fp8 (fp32 activations) against fp32. Toy editor (the shipped weights, ``specedit.toy.evaluate.load_toy``):
 held-out suite edits (``eval_cases``) run as a ``steps``-step baseline; PSNR (dB, 8-bit outputs) of the fp8
 edit against the fp32 edit, next to bf16 against fp32.
+
+Measured on the CPU (benchmarks/results/fp8_error_2026-12-02.json, 4 edits of 28 steps): fp8 against bf16,
+relative output error 1.3 % FLUX mid, 0.86 % Qwen-Image mid (bf16 against fp32: 10.5 %, 4.5 %); toy edits
+48.1 dB mean PSNR fp8 against fp32 (43.0 to 55.1), bf16 against fp32 53.5 dB.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ latent, and the trained toy editor's AE (shipped weights) on the latent of a 384
 are on the [-1, 1] image scale: max and mean absolute difference, and PSNR (peak-to-peak 2). Random weights
 are the worst case: a tile's GroupNorm statistics and attention see only the tile, and random features differ
 far more between regions than a trained VAE's do.
+
+Measured on the CPU (benchmarks/results/vae_tiling_2026-12-02.json), decode, tile 32 / overlap 8: toy AE 39.5 dB
+PSNR (mean 0.011, max 0.65), random Qwen-Image VAE 40.7 dB (mean 0.009, max 0.30), random FLUX AE 32.5 dB
+(mean 0.035, max 0.35; its outputs span about +-4).
 """
 
 from __future__ import annotations
