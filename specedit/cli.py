@@ -99,6 +99,7 @@ def _bench_latency(a: argparse.Namespace, fam, names: list[str]) -> list[dict]:
     options = _compile_options(a)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     editor = fam.random_editor(config, a.height, a.width, device=a.device, dtype=dtype)
+    _place_random(editor, a, dtype)
     if options is not None:
         from models.compile import compile_transformer
 
@@ -110,7 +111,10 @@ def _bench_latency(a: argparse.Namespace, fam, names: list[str]) -> list[dict]:
                                   repeats=a.repeats, peak_tflops=bench.device_peak(a.device, dtype))  # fmt: skip
         used = bench.attention_used(editor)
     compiled = None if options is None else options.mode or "default"
-    return [dict(r, attention=used, compile=compiled) for r in rows]
+    memory = {"fp8": a.fp8, "transformer_offload": a.transformer_offload}
+    if torch.device(a.device).type == "cuda":  # peak over the whole run (weights, warm-up, every method)
+        memory["peak_gib"] = torch.cuda.max_memory_allocated(torch.device(a.device)) / 2**30
+    return [dict(r, attention=used, compile=compiled, **memory) for r in rows]
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -146,6 +150,45 @@ def _add_speed_flags(p) -> None:
     p.add_argument("--attention", type=_attention, default="sdpa",
                    help="attention backend: sdpa (PyTorch picks), flash, cudnn, efficient, math (SDPA kernels), "
                    "fa3 (FlashAttention-3), sage (SageAttention)")  # fmt: skip
+
+
+def _add_memory_flags(p, *, pipeline: bool) -> None:
+    p.add_argument(
+        "--transformer-offload",
+        type=v.positive_int,
+        default=None,
+        metavar="N",
+        help="keep the transformer's blocks in CPU memory and stream them through the device, N resident",
+    )
+    p.add_argument("--fp8", action="store_true",
+                   help="weight-only fp8 (e4m3, per-channel scales) for the transformer blocks' linears")  # fmt: skip
+    if pipeline:
+        p.add_argument(
+            "--vae-tiling",
+            type=v.positive_int,
+            default=None,
+            metavar="T",
+            help="run the VAE on overlapping tiles of T latent pixels (large images)",
+        )
+        p.add_argument(
+            "--text-encoder-offload",
+            type=v.positive_int,
+            default=None,
+            metavar="N",
+            help="Qwen: stream the VL encoder's layers through the device, N resident",
+        )
+
+
+def _place_random(editor, a: argparse.Namespace, dtype) -> None:
+    """Apply --fp8 / --transformer-offload to a random-weight editor's transformer, in place."""
+    if not a.fp8 and a.transformer_offload is None:
+        return
+    import torch
+
+    from specedit.pipeline import Placement
+
+    where = Placement(dtype, torch.device(a.device), transformer_offload=a.transformer_offload, fp8=a.fp8)
+    where.place_transformer(lambda device: editor.model.to(device))
 
 
 def _table(rows: list[dict]) -> str:
@@ -202,6 +245,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=v.positive_int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per method")
     _add_speed_flags(p)
+    _add_memory_flags(p, pipeline=False)
     p.set_defaults(func=_bench)  # fmt: skip
 
 
@@ -234,8 +278,10 @@ def _edit(a: argparse.Namespace) -> dict:
             raise ValueError(f"--save-mask {a.save_mask} is the --out file: give it another name")
     entry = fam.models[a.model]
     options = dict(entry.options, **({} if a.area is None else {"area": a.area}))
+    memory = dict(transformer_offload=a.transformer_offload, fp8=a.fp8, vae_tiling=a.vae_tiling,
+                  text_encoder_offload=a.text_encoder_offload)  # fmt: skip
     pipe = fam.pipeline.from_pretrained(a.weights or entry.repo, dtype=getattr(torch, DTYPES[a.dtype]),
-                                        device=a.device, **options)  # fmt: skip
+                                        device=a.device, **memory, **options)  # fmt: skip
     for path, scale in a.lora:
         pipe.load_lora(path, scale, distilled=True if a.distilled else None)
     if a.schedule is not None:
@@ -363,6 +409,7 @@ def _add_edit(sub) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_speed_flags(p)
+    _add_memory_flags(p, pipeline=True)
     p.set_defaults(func=_edit)  # fmt: skip
 
 

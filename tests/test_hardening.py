@@ -37,6 +37,8 @@ CLI_CASES = {
                                      "LoRA scale must be finite, got 'nan'"),
     "edit --distilled without --lora": ("edit --image {img} --prompt p --out {out} --distilled",
                                         "--distilled says the --lora files are step-distilled, but no --lora"),
+    "edit --transformer-offload 0": ("edit --image {img} --prompt p --out {out} --transformer-offload 0",
+                                     "argument --transformer-offload: must be >= 1, got 0"),
     "edit unknown --schedule": ("edit --image {img} --prompt p --out {out} --schedule turbo",
                                 "argument --schedule: unknown schedule 'turbo': choose from flux, qwen, lightning"),
 }  # fmt: skip

@@ -28,3 +28,15 @@ def test_flops_other_sizes_scale(capsys):
 def test_flops_bad_size(capsys):
     assert main(["flops", "--height", "1000"]) == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+def test_bench_memory_modes_on_a_tiny_config(capsys):
+    """--fp8 and --transformer-offload apply to the random-weight transformer and are reported per row."""
+    import json
+
+    from specedit.cli import main
+
+    args = "bench --config tiny --random-weights --height 128 --width 128 --methods specedit-18 --warmup 0 --repeats 1"
+    assert main([*args.split(), "--fp8", "--transformer-offload", "2", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["fp8"] is True and row["transformer_offload"] == 2 and row["latency_s"] > 0
