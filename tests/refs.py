@@ -7,6 +7,8 @@ it checks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -127,3 +129,12 @@ def tiny_ae_kwargs(**over) -> dict:
     )
     kw.update(over)
     return kw
+
+
+# Qwen-Image-Lightning's published scheduler config (its README), as a diffusers config file holds it
+LIGHTNING_CONFIG = {
+    "base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False, "max_image_seq_len": 8192,
+    "max_shift": math.log(3), "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
+    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+}  # fmt: skip

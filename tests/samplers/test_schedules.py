@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from refs import LIGHTNING_CONFIG
 
 from samplers import (
     FLUX_SCHEDULE,
@@ -66,15 +67,6 @@ def test_shifted_range():
         shifted_range(0.3, 0.5, 4, 1.0)
     with pytest.raises(ValueError, match="num_steps"):
         flow_sigmas(0, 100)
-
-
-# Qwen-Image-Lightning's published scheduler config (its README), as a diffusers config file holds it
-LIGHTNING_CONFIG = {
-    "base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False, "max_image_seq_len": 8192,
-    "max_shift": math.log(3), "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
-    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
-    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
-}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,9 @@ schedule (fixed shift 3), CFG off and its step count, and the edit equals diffus
 LoRA (``load_lora_weights`` + ``fuse_lora``) and Lightning's published scheduler config; the distilled presets
 run on it and are refused on base weights; unloading restores the base model exactly."""
 
-import math
-
 import pytest
 import torch
-from refs import max_rel_err
+from refs import LIGHTNING_CONFIG, max_rel_err
 from refs_qwen import random_pil
 from refs_qwen_repo import run_diffusers_edit, write_qwen_edit_repo
 from safetensors.torch import save_file
@@ -23,12 +21,6 @@ pytest.importorskip("peft")  # diffusers' LoRA loading needs it
 AREA = 128 * 128
 TOL = 1e-5
 PROMPT = "make the sky purple"
-LIGHTNING_CONFIG = {
-    "base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False, "max_image_seq_len": 8192,
-    "max_shift": math.log(3), "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
-    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
-    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
