@@ -183,10 +183,13 @@ def _hermite(k: int, y: float) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class FoCa(Interval):
-    """Forecast then calibrate (FoCa, 2025): caching as ODE solving. Each cached step predicts with a BDF2 step
-    from the last two values (computed or predicted), ``2 F_k - F_{k-1}``, and calibrates it Heun-style with
-    the last two computed anchors: ``+ 0.5 ((A_1 - A_0) - (F_k - F_{k-1}))``. No official code was found;
-    these equations (unit step) follow the public re-implementation in cache-dit."""
+    """Forecast then calibrate (FoCa, 2025): caching as ODE solving. A cached step predicts with a BDF2 step from
+    the last two values (computed or predicted), ``F_k + (F_k - F_{k-1})``, and calibrates it Heun-style by
+    averaging that one-step slope with the slope between the last two computed anchors,
+    ``(A_1 - A_0) / (i_1 - i_0)``: ``F_k + 0.5 (F_k - F_{k-1}) + 0.5 (A_1 - A_0) / (i_1 - i_0)``. No official code
+    was found; the predictor and corrector follow the public re-implementation in cache-dit, with the anchor
+    difference taken per step (our reading: without it the correction adds a whole interval's change each step).
+    """
 
     warmup: int = 3
 
@@ -196,14 +199,15 @@ class FoCa(Interval):
     def step(self, memory: Any, i: int, n: int, run: Callable[[], Features]) -> tuple[Features, Any]:
         if self.computes(i) or memory is None:
             features = run()
-            anchor = memory[2] if memory else features
-            last = memory[0] if memory else features
-            return features, (features, last, features, anchor)
-        f_k, f_km1, a1, a0 = memory
+            if memory is None:
+                return features, (features, features, (i, features), (i, features))
+            return features, (features, memory[0], (i, features), memory[2])
+        f_k, f_km1, (i1, a1), (i0, a0) = memory
+        slope = 1.0 / max(i1 - i0, 1)
         pred = tuple(
-            2 * fk - fm + 0.5 * ((x1 - x0) - (fk - fm)) for fk, fm, x1, x0 in zip(f_k, f_km1, a1, a0)
+            fk + 0.5 * (fk - fm) + 0.5 * slope * (x1 - x0) for fk, fm, x1, x0 in zip(f_k, f_km1, a1, a0)
         )
-        return pred, (pred, f_k, a1, a0)
+        return pred, (pred, f_k, (i1, a1), (i0, a0))
 
 
 @dataclass
