@@ -1,29 +1,39 @@
-"""Qwen2.5-VL-7B-Instruct as Qwen-Image-Edit's prompt + image encoder (``text_encoder/`` of the Edit repos).
+"""Qwen2.5-VL-Instruct: Qwen-Image-Edit's prompt + image encoder (``text_encoder/`` of the Edit repos), and a
+greedy text generator with a KV cache (a local judge).
 
-Two networks in one checkpoint:
+Two networks in one checkpoint, plus the LM head:
 
 * ``visual``: a ViT over 14x14 patches (two identical temporal taps per still image). Blocks attend inside
   112 px windows except the ``fullatt_block_indexes`` blocks, which see the whole image; 2-D RoPE on the
   patch (row, col); a merger turns each 2x2 patch block into one LLM token.
 * ``model``: a Qwen2 decoder (GQA, q/k/v with bias, SwiGLU, RMSNorm) with 3-D M-RoPE: every token has a
   (t, h, w) position; text tokens have t = h = w, image tokens spread over their merged grid. ``encode``
-  returns the final-normed last layer (what Qwen-Image-Edit feeds its DiT); no ``lm_head`` is built.
+  returns the final-normed last layer (what Qwen-Image-Edit feeds its DiT).
+* ``lm_head`` (hidden -> vocab, no bias), built only with ``lm_head=True``: ``logits`` and ``generate``.
+  With ``tie_word_embeddings`` (the 3B; not the 7B) the token embedding matrix is the head and no
+  ``lm_head.weight`` is held or read, as transformers >= 5 saves tied models.
 
 The module tree follows the legacy key layout that the shipped safetensors use (``model.layers.N...``,
-``visual.blocks.N...``); files saved with the newer names (``model.language_model.*``, ``model.visual.*``)
-are renamed at load time, and ``lm_head.weight`` is skipped.
+``visual.blocks.N...``, ``lm_head.weight``); files saved with the newer names (``model.language_model.*``,
+``model.visual.*``; ``lm_head.weight`` stays at the top) are renamed at load time. Without ``lm_head=True``
+(the encoder) ``lm_head.weight`` is skipped.
+
+Generation: greedy, per-layer keys/values appended at each step (:class:`KVCache`). A generated token's
+position is the same on all three axes: the prompt's largest position + 1, then + 1 per step (transformers'
+``rope_deltas``). Prompts are left-padded.
 
 Reference: transformers ``modeling_qwen2_5_vl.py``; 3-D positions as transformers 4.x ``get_rope_index``
 computed them (transformers >= 5 only does so when ``mm_token_type_ids`` is passed, which the diffusers
 pipelines do not: diffusers issue #14194).
 
-Shape legend: b batch, l tokens, n patches, u merge units (= image tokens), s segments (windows or images),
-h heads, d head dim, c channels.
+Shape legend: b batch, l tokens, p cached (past) tokens, n patches, u merge units (= image tokens), s segments
+(windows or images), h heads, d head dim, c channels, v vocabulary.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +45,8 @@ from models.loading import (
     CheckpointError,
     Remap,
     build_on_meta,
+    download,
+    is_repo_id,
     load_checkpoint,
     locate,
     open_checkpoint,
@@ -100,6 +112,7 @@ class Qwen25VLConfig:
     video_token_id: int
     vision_start_token_id: int
     vision_end_token_id: int
+    tie_word_embeddings: bool = False  # the LM head is the token embedding matrix
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -447,6 +460,53 @@ class VisionTower(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- language
+class LayerKV:
+    """One decoder layer's keys and values (b, kv_heads, p, d), after RoPE, grown along p at every call."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (b, kv_heads, l, d) keys and values; returns all of them (b, kv_heads, p + l, d)."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Keys and values of every decoder layer for the tokens seen so far."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerKV() for _ in range(num_layers)]
+
+    def __len__(self) -> int:
+        """Cached tokens p."""
+        k = self.layers[0].k
+        return 0 if k is None else k.shape[2]
+
+
+def attention_mask_for(
+    attention_mask: Tensor | None, l: int, past: int, device: torch.device
+) -> Tensor | None:
+    """Boolean mask (b, 1, l, p + l) or (l, p + l) of l new queries over the p cached + l new keys.
+
+    Causal, and keys marked 0 in ``attention_mask`` (b, p + l) hidden. None where SDPA needs none: no padding
+    and either no cache (plain causal) or one query (it sees every key).
+    """
+    real = attention_mask is None or bool(attention_mask.all())
+    if real and (past == 0 or l == 1):
+        return None
+    q = torch.arange(l, device=device)[:, None] + past  # l 1: absolute query positions
+    k = torch.arange(past + l, device=device)[None]  # 1 p+l
+    mask = k <= q
+    if not real:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    # the diagonal keeps padding queries from being fully masked (NaN); their output is discarded
+    return mask | (k == q)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen25VLConfig):
         super().__init__()
@@ -457,15 +517,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
-    def forward(self, x: Tensor, pe: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, pe: tuple[Tensor, Tensor], mask: Tensor | None, kv: LayerKV | None = None
+    ) -> Tensor:
+        """``mask`` from :func:`attention_mask_for`; None = causal (or, for one query, over every key)."""
         q = self.q_proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # b h l d
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, -1)).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, -1)).transpose(1, 2)
         cos, sin = pe  # (b, 1, l, d) in the activation dtype, as the reference
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if kv is not None:
+            k, v = kv.append(k, v)  # b h_kv p+l d
         rep = self.num_heads // self.num_kv_heads  # GQA: kv head j serves q heads j*rep .. j*rep+rep-1
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        causal = mask is None and q.shape[2] > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -477,8 +543,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, pe: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), pe, mask)
+    def forward(
+        self, x: Tensor, pe: tuple[Tensor, Tensor], mask: Tensor | None, kv: LayerKV | None = None
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), pe, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -503,34 +571,50 @@ class LanguageModel(nn.Module):
         angles = torch.cat([angles, angles], -1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, x: Tensor, pos: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, pos: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         """(b, l, c) input embeddings at (3, b, l) positions -> (b, l, c) final-normed states.
 
-        ``attention_mask`` (b, l) marks real tokens; attention is causal over real tokens only. Padding rows
-        are returned as zeros.
+        ``attention_mask`` (b, p + l) marks real tokens, the p cached ones included; attention is causal over
+        real tokens only. Padding rows are returned as zeros. ``cache`` (p tokens) gets the l new keys and
+        values.
         """
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            keep = attention_mask.bool()
-            l = x.shape[1]
-            causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
-            # the diagonal keeps padding rows from being fully masked (NaN); their output is discarded
-            mask = (causal & keep[:, None, None, :]) | torch.eye(l, dtype=torch.bool, device=x.device)
+        l = x.shape[1]
+        past = 0 if cache is None else len(cache)
+        mask = attention_mask_for(attention_mask, l, past, x.device)
         pe = self.rope(pos, x.dtype)
-        for layer in self.layers:
-            x = layer(x, pe, mask)
+        kvs = [None] * len(self.layers) if cache is None else cache.layers
+        for layer, kv in zip(self.layers, kvs):
+            x = layer(x, pe, mask, kv)
         x = self.norm(x)
-        return x if mask is None else x * attention_mask[..., None].to(x.dtype)
+        if attention_mask is None or bool(attention_mask.all()):
+            return x
+        return x * attention_mask[:, past:, None].to(x.dtype)
 
 
 class Qwen2_5_VL(nn.Module):
-    """Qwen2.5-VL encoder; ``encode`` maps a tokenised multimodal prompt batch to final-normed states."""
+    """Qwen2.5-VL; ``encode`` maps a tokenised multimodal prompt batch to final-normed states, ``logits`` and
+    ``generate`` (``lm_head=True`` only) continue it as text.
 
-    def __init__(self, cfg: Qwen25VLConfig):
+    ``lm_head=True`` adds the key ``lm_head.weight`` (vocab, hidden), unless the config ties it to
+    ``model.embed_tokens.weight``: then the embedding matrix is the head and the module holds no extra tensor.
+    """
+
+    def __init__(self, cfg: Qwen25VLConfig, lm_head: bool = False):
         super().__init__()
         self.config = cfg
         self.model = LanguageModel(cfg)
         self.visual = VisionTower(cfg.vision)
+        self.has_head = lm_head
+        untied = lm_head and not cfg.tie_word_embeddings
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if untied else None
+
+    def head_weight(self) -> Tensor:
+        """The (vocab, hidden) output projection: ``lm_head.weight``, or the token embeddings when tied."""
+        if not self.has_head:
+            raise ValueError("this Qwen2_5_VL was built without an LM head: pass lm_head=True")
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def positions(
         self, input_ids: Tensor, attention_mask: Tensor | None, image_grid_thw: Tensor | None
@@ -577,16 +661,83 @@ class Qwen2_5_VL(nn.Module):
         Returns:
             (b, l, hidden_size); padding rows are zeros.
         """
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (b, l), got {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
-                f"{tuple(input_ids.shape)}"
-            )
+        check_prompt(input_ids, attention_mask)
         pos = self.positions(input_ids, attention_mask, image_grid_thw)
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         return self.model(x, pos, attention_mask)
+
+    def logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+    ) -> Tensor:
+        """Next-token logits (b, l, v) at every prompt position (arguments as :meth:`encode`); padding rows
+        are zeros. Under left padding ``[:, -1]`` is the first generation step's."""
+        w = self.head_weight()
+        return F.linear(self.encode(input_ids, attention_mask, pixel_values, image_grid_thw), w)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+        max_new_tokens: int = 128,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> Tensor:
+        """Greedy continuation of a prompt batch with a KV cache.
+
+        Args:
+            input_ids, attention_mask, pixel_values, image_grid_thw: as :meth:`encode`, padding on the left.
+            max_new_tokens: at most this many new tokens (>= 1).
+            eos_token_id: id(s) that end a row; None = never end early. pad_token_id: what an ended row gets
+                after its eos (default: the first eos id).
+        Returns:
+            (b, k) long, the new tokens only: k = max_new_tokens, fewer once every row has ended.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        w = self.head_weight()
+        check_prompt(input_ids, attention_mask)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        if not bool(mask[:, -1].all()):
+            rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+            raise ValueError(f"generate needs left padding, but prompt rows {rows} end with padding")
+        stops = torch.tensor(
+            [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id,
+            dtype=torch.long,
+            device=input_ids.device,
+        )
+        pad = pad_token_id if pad_token_id is not None else int(stops[0]) if len(stops) else 0
+        b = input_ids.shape[0]
+        pos = self.positions(input_ids, mask, image_grid_thw)  # 3 b l
+        nxt = pos.amax((0, 2)) + 1  # b: the first new token's position, on all three axes
+        x, cache = self.embed(input_ids, pixel_values, image_grid_thw), KVCache(self.config.num_layers)
+        done, out = torch.zeros(b, dtype=torch.bool, device=input_ids.device), []
+        for step in range(max_new_tokens):
+            tok = F.linear(self.model(x, pos, mask, cache)[:, -1], w).argmax(-1)  # b
+            out.append(torch.where(done, pad, tok))
+            done = done | torch.isin(tok, stops)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+            pos = (nxt + step).expand(3, b)[..., None]  # 3 b 1
+            x = self.model.embed_tokens(out[-1][:, None])
+        return torch.stack(out, 1)
+
+
+def check_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> None:
+    """A ValueError unless ``input_ids`` is (b, l) and ``attention_mask`` None or the same shape."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (b, l), got {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -627,12 +778,23 @@ def load_qwen2_5_vl(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     config: Qwen25VLConfig | None = None,
+    lm_head: bool = False,
 ) -> Qwen2_5_VL:
-    """Load the encoder from (a) a ``text_encoder/`` folder (config.json + safetensors, sharded or not),
-    (b) a repo root holding ``text_encoder/``, (c) a Hugging Face repo id (downloads ``text_encoder/*.json``
-    and ``text_encoder/*.safetensors`` only) or (d) one ``.safetensors`` file (config.json next to it, or
-    ``config=``). Legacy and new key names both load strictly; ``lm_head.weight`` is skipped.
+    """Load the model from (a) a ``text_encoder/`` folder or an Instruct model's folder (config.json +
+    safetensors, sharded or not), (b) a repo root holding ``text_encoder/``, (c) a Hugging Face repo id
+    (downloads ``text_encoder/*.json`` and ``text_encoder/*.safetensors`` only; with ``lm_head=True`` also
+    the root ``config.json`` and ``model*.safetensors*``, which an Instruct repo holds, preferred) or (d) one
+    ``.safetensors`` file (config.json next to it, or ``config=``). Legacy and new key names both load
+    strictly.
+
+    ``lm_head=False`` (the encoder): ``lm_head.weight`` is skipped. ``lm_head=True``: the head is built and
+    ``lm_head.weight`` must be in the checkpoint, unless the config ties it to the embeddings (then a stored
+    copy is skipped).
     """
+    s = os.fspath(path_or_repo)
+    if lm_head and is_repo_id(s):
+        patterns = ["config.json", "model*.safetensors*", "text_encoder/*.json", "text_encoder/*.safetensors"]
+        path_or_repo = download(s, patterns)
     src = locate(path_or_repo, "text_encoder", what="Qwen2.5-VL weights", needs_config=False)
     folder = src if src.is_dir() else src.parent
     if config is None:
@@ -640,19 +802,20 @@ def load_qwen2_5_vl(
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json next to {src}; pass config= (e.g. PRESETS[...])")
         config = config_from_transformers(read_config(cfg_file))
-    model = build_on_meta(lambda: Qwen2_5_VL(config))
-    return load_checkpoint(model, legacy_view(open_checkpoint(src)), dtype=dtype, device=device)
+    model = build_on_meta(lambda: Qwen2_5_VL(config, lm_head=lm_head))
+    ckpt = legacy_view(open_checkpoint(src), lm_head=model.lm_head is not None)
+    return load_checkpoint(model, ckpt, dtype=dtype, device=device)
 
 
 _RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-def legacy_view(ckpt: Checkpoint) -> Checkpoint | Remap:
+def legacy_view(ckpt: Checkpoint, lm_head: bool = False) -> Checkpoint | Remap:
     """The checkpoint under legacy key names: ``model.language_model.*`` -> ``model.*``, ``model.visual.*`` ->
-    ``visual.*``; ``lm_head.*`` is left out (not part of the encoder)."""
+    ``visual.*``; ``lm_head.*`` is kept with ``lm_head=True``, else left out (not part of the encoder)."""
     plan: dict[str, str] = {}
     for key in ckpt:
-        if key.startswith("lm_head."):
+        if key.startswith("lm_head.") and not lm_head:
             continue
         new = next((dst + key[len(src) :] for src, dst in _RENAMES if key.startswith(src)), key)
         if new in plan:
@@ -713,6 +876,10 @@ def config_from_transformers(c: dict) -> Qwen25VLConfig:
             video_token_id=c.get("video_token_id", 151656),
             vision_start_token_id=c.get("vision_start_token_id", 151652),
             vision_end_token_id=c.get("vision_end_token_id", 151653),
+            # transformers >= 5 reads the top level; older files may hold it in text_config only
+            tie_word_embeddings=bool(
+                c.get("tie_word_embeddings") or c.get("text_config", {}).get("tie_word_embeddings")
+            ),
         )
     except KeyError as e:
         raise ValueError(f"config.json lacks {e.args[0]!r}: not a Qwen2.5-VL config") from None
