@@ -78,7 +78,7 @@ def read_gedit(
     for path in data_files(folder):
         items += _file_items(path, languages, subset, IMAGE_COLUMNS[image])
     _check_unique(items, where)
-    return BenchData("gedit", items, layout, source=where)
+    return BenchData("gedit", items, layout, source=where, source_layout=srcimg_layout)
 
 
 def layout(item: EditItem) -> str:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from models.lora import fuse_lora, unfuse_lora
 from samplers.mixed_res import FullResSampler, sync
+from specedit.evals.runner import Dist, Log, Ranks, RecordStore, clean, open_store, run_rounds
 from specedit.families import get_family
 from specedit.method import Baseline
 from specedit.presets import methods
@@ -86,7 +87,6 @@ EVAL_METHODS = (
     "bottleneck-18",
 )  # fmt: skip
 T = 1e12
-Log = Callable[[str], None] | None
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -345,17 +345,6 @@ def aggregate(records: Sequence[dict], *, reference: str = BASELINE) -> list[dic
     return rows
 
 
-def clean(obj):
-    """JSON-safe copy: non-finite floats become None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    return obj
-
-
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     """``rows`` (made JSON-safe by :func:`clean`) as JSON lines, written atomically."""
     path = Path(path)
@@ -507,83 +496,6 @@ def _remove_stale_panels(out: Path, keep: set[str]) -> None:
             f.unlink()
 
 
-# ----------------------------------------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a single process when they are not set)."""
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            return cls()
-        return cls(
-            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        )
-
-    def device(self, requested: str | None = None) -> torch.device:
-        """``requested``, or this rank's GPU (cuda:LOCAL_RANK) when there is one, else the CPU."""
-        if requested is not None:
-            dev = torch.device(requested)
-            if dev.type == "cuda" and dev.index is None and self.world > 1:
-                dev = torch.device("cuda", self.local_rank)
-            return dev
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-
-    def shard(self, n: int) -> list[int]:
-        """The example indices of this rank: i with i mod world == rank."""
-        return list(range(self.rank, n, self.world))
-
-
-class _Ranks:
-    """Collectives over the ranks of ``dist`` (trivial for one process). Initialises ``torch.distributed``
-    (gloo on the CPU, nccl on GPUs) for the duration of the ``with`` block when it is not yet."""
-
-    def __init__(self, dist: Dist, device: torch.device):
-        self.dist, self.device, self.owned = dist, device, False
-
-    def __enter__(self) -> _Ranks:
-        if self.dist.world > 1:
-            import torch.distributed as td
-
-            if not td.is_initialized():
-                if self.device.type == "cuda":
-                    torch.cuda.set_device(self.device)
-                td.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-                self.owned = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.owned:
-            import torch.distributed as td
-
-            td.destroy_process_group()
-
-    def gather(self, obj) -> list:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        if self.dist.world == 1:
-            return [obj]
-        import torch.distributed as td
-
-        parts: list = [None] * self.dist.world
-        td.all_gather_object(parts, obj)
-        return parts
-
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        if self.dist.world == 1:
-            return obj
-        import torch.distributed as td
-
-        box = [obj]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
-
-
 def fingerprint(toy: ToyEditor) -> str:
     """A digest (16 hex digits) of the editor's weights, their dtypes and its latent statistics and device type:
     records of an eval folder are only resumed by the editor that wrote them."""
@@ -595,96 +507,58 @@ def fingerprint(toy: ToyEditor) -> str:
     return h.hexdigest()[:16]
 
 
-RECORDS, SETUP = "examples.jsonl", "suite.json"
+RECORDS, SETUP, IMAGES = "examples.jsonl", "suite.json", "images"
 SUITE_FILES = (RECORDS, SETUP, "metrics.jsonl", "speed_quality.png")
 
 
-class SuiteRecords:
-    """The records of one eval suite in a folder: ``examples.jsonl`` grows by a JSON line per record as each
-    example finishes (flushed and fsynced, so a kill loses at most the example in progress), and ``suite.json``
-    holds the setup that wrote them (editor fingerprint, device type, reference, seed offset).
-
-    Records are identified by (method, seed). Opening a folder whose setup differs, or whose records are not
-    all part of ``suite`` ({(method, seed): index}), is a one-line error: a rerun only ever adds records."""
-
-    def __init__(self, out: str | os.PathLike, setup: dict, suite: Mapping[tuple[str, int], int]):
-        out = atomic.check_folder(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.clean_stale(out, SUITE_FILES.__contains__)
-        self.path = out / RECORDS
-        _check_setup(out, setup, self.path)
-        rows = atomic.read_lines(self.path)
-        outside = [r for r in rows if suite.get((r.get("method"), r.get("seed"))) != r.get("index")]
-        if outside:
-            r = outside[0]
-            raise ValueError(f"{self.path} holds {len(outside)} records outside this suite (e.g. {r.get('method')} "
-                             f"on seed {r.get('seed')}): rerun with the --n, --methods and --seed-offset that wrote "
-                             "them (or more), or use a new --out")  # fmt: skip
-        self.records = {(r["method"], r["seed"]): r for r in rows}
-
-    def append(self, records: Iterable[dict]) -> None:
-        """Add ``records`` (made JSON-safe) to the file, each on disk before this returns."""
-        with self.path.open("a") as f:
-            for r in records:
-                r = clean(r)
-                atomic.append_line(f, r)
-                self.records[(r["method"], r["seed"])] = r
+def suite_records(out: str | os.PathLike, setup: dict, suite: Mapping[tuple[str, int], int]) -> RecordStore:
+    """The record store of an eval folder: ``examples.jsonl`` (records identified by (method, seed)) and
+    ``suite.json`` (editor fingerprint, device type, reference, seed offset); see
+    :class:`specedit.evals.runner.RecordStore`."""
+    return RecordStore(
+        out, setup, suite, id_field="seed", records=RECORDS, setup_file=SETUP, owned=SUITE_FILES
+    )
 
 
-def _check_setup(out: Path, setup: dict, records: Path) -> None:
-    """Write ``setup`` to ``out/suite.json``, or check that the one there matches it (one-line error)."""
-    path = out / SETUP
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        diff = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in setup.items() if saved.get(k) != v]
-        if diff:
-            raise ValueError(
-                f"{out} holds records of another setup (differing: {'; '.join(diff)}): use a new --out"
-            )
-    elif records.is_file() and records.stat().st_size:
-        raise ValueError(f"{records} has no {SETUP} beside it (written by an older specedit): its records cannot be "
-                         "matched to this editor; use a new --out")  # fmt: skip
-    else:
-        atomic.write_json(path, setup)
-
-
-def _open_records(ranks: _Ranks, out, toy: ToyEditor, names: Sequence[str], *, n: int, offset: int,
-                  reference: str, lora: str | None = None) -> tuple[SuiteRecords | None, set]:  # fmt: skip
-    """Rank 0's record store in ``out`` (None without ``out`` and on the other ranks) and the finished
-    (method, seed) pairs, the same on every rank; a folder that does not fit is an error on every rank."""
+def _store(out, toy: ToyEditor, names: Sequence[str], *, n: int, offset: int, reference: str,
+           lora: str | None, images: bool) -> Callable[[], RecordStore] | None:  # fmt: skip
+    """How rank 0 opens the record store of ``out`` (None without ``out``)."""
     if out is None:
-        return None, set()
-    store, error = None, None
-    if ranks.dist.rank == 0:
-        setup = {
-            "editor": fingerprint(toy),
-            "device": toy.device.type,
-            "reference": reference,
-            "offset": offset,
-        }
-        if lora is not None:  # the distilled methods' weights (only suites that run them record it)
-            setup["lora"] = lora
-        suite = {(m, EVAL_FIRST_SEED + offset + i): i for m in names for i in range(n)}
-        try:
-            store = SuiteRecords(out, setup, suite)
-        except ValueError as e:
-            error = str(e)
-    error, done = ranks.broadcast((error, set(store.records) if store else set()))
-    if error:
-        raise ValueError(error)
-    return store, done
+        return None
+    setup = {"editor": fingerprint(toy), "device": toy.device.type, "reference": reference, "offset": offset}
+    if lora is not None:  # the distilled methods' weights (only suites that run them record it)
+        setup["lora"] = lora
+    if images:  # only runs that save images record it: their records name the files
+        setup["images"] = IMAGES
+    suite = {(m, EVAL_FIRST_SEED + offset + i): i for m in names for i in range(n)}
+    return lambda: suite_records(out, setup, suite)
+
+
+def image_path(record: Mapping) -> str:
+    """The output image of a record, relative to the eval folder: ``images/<method>/<kind>/<seed>.png``."""
+    return f"{IMAGES}/{record['method']}/{record['kind']}/{record['seed']}.png"
+
+
+def _save_images(out: Path, records: list[dict], outcomes: Mapping[str, Outcome]) -> list[dict]:
+    """Write each record's output image (atomically) and name it in the record."""
+    for r in records:
+        r["image"] = image_path(r)
+        atomic.save_image(Image.fromarray(to_uint8(outcomes[r["method"]].image)), out / r["image"])
+    return records
 
 
 def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int = 0, reference: str = BASELINE,
                    dist: Dist | None = None, log: Log = None, out: str | os.PathLike | None = None,
-                   lora: str | os.PathLike | None = None) -> list[dict] | None:  # fmt: skip
+                   lora: str | os.PathLike | None = None, images: bool = False) -> list[dict] | None:  # fmt: skip
     """Records of the eval suite for ``methods`` (names or {name: method}), sharded over the ranks of ``dist``
     (default: from the environment); the merged records (ordered by method, then example) on rank 0, None on
     the other ranks.
 
     With ``out``, each example's records are appended to ``out/examples.jsonl`` when it finishes (by rank 0,
     after gathering the ranks' examples of that round) and (method, seed) pairs already there are not run
-    again; the records returned are then all of the suite's, earlier ones included (see :class:`SuiteRecords`).
+    again; the records returned are then all of the suite's, earlier ones included (see :func:`suite_records`).
+    With ``images`` too, every output image is saved under ``out`` (:func:`image_path`) before its record is,
+    for the judges (``specedit.evals.scoring``).
     """
     dist = dist or Dist.from_env()
     named = resolve(methods, reference=reference)
@@ -693,24 +567,24 @@ def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int 
     lora_id = atomic.sha256(lora)[:16] if distilled else None
     if out is not None:
         out = atomic.check_folder(out)
+    elif images:
+        raise ValueError("images=True needs an out folder to save them in")
     cases = eval_cases(n, offset, indices=dist.shard(n))
-    with _Ranks(dist, toy.device) as ranks:
-        store, done = _open_records(ranks, out, toy, list(named), n=n, offset=offset, reference=reference,
-                                    lora=lora_id)  # fmt: skip
+
+    def step(j: int, case: Case) -> list[dict]:
+        recs, outcomes = evaluate_case(toy, case, named, reference=reference, warmup=j == 0, log=log, skip=done,
+                                       lora=lora)  # fmt: skip
+        return _save_images(out, recs, outcomes) if images else recs
+
+    with Ranks(dist, toy.device) as ranks:
+        make = _store(
+            out, toy, list(named), n=n, offset=offset, reference=reference, lora=lora_id, images=images
+        )
+        store, done = open_store(ranks, make)
         if done and log:
             log(f"{len(done)} records already in {store.path if store else out}: not run again")
         todo = [c for c in cases if any((m, c.seed) not in done for m in named)]
-        new = []
-        for j in range(max(ranks.gather(len(todo)))):  # rounds: one example per rank
-            recs = []
-            if j < len(todo):
-                recs, _ = evaluate_case(
-                    toy, todo[j], named, reference=reference, warmup=j == 0, log=log, skip=done, lora=lora
-                )
-            for part in ranks.gather(recs):
-                if store is not None:
-                    store.append(part)
-                new += part
+        new = run_rounds(ranks, todo, step, store)  # rounds: one example per rank
     if dist.rank != 0:
         return None
     records = list(store.records.values()) if store is not None else new
