@@ -253,7 +253,6 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _edit(a: argparse.Namespace) -> dict:
-    import torch
 
     from specedit import presets
 
@@ -271,24 +270,12 @@ def _edit(a: argparse.Namespace) -> dict:
     for path in a.image:  # unreadable or truncated images fail here, before any weight is loaded
         load_image(path)
     v.check_output_file(a.out, a.image, overwrite=a.overwrite)
-    compiling = _compile_options(a)
+    _compile_options(a)  # a bad --compile fails before any loading
     if a.save_mask:
         v.check_output_file(a.save_mask, [*a.image, a.out], overwrite=a.overwrite)
         if os.path.abspath(a.save_mask) == os.path.abspath(a.out):
             raise ValueError(f"--save-mask {a.save_mask} is the --out file: give it another name")
-    entry = fam.models[a.model]
-    options = dict(entry.options, **({} if a.area is None else {"area": a.area}))
-    memory = dict(transformer_offload=a.transformer_offload, fp8=a.fp8, vae_tiling=a.vae_tiling,
-                  text_encoder_offload=a.text_encoder_offload)  # fmt: skip
-    pipe = fam.pipeline.from_pretrained(a.weights or entry.repo, dtype=getattr(torch, DTYPES[a.dtype]),
-                                        device=a.device, **memory, **options)  # fmt: skip
-    for path, scale in a.lora:
-        pipe.load_lora(path, scale, distilled=True if a.distilled else None)
-    if a.schedule is not None:
-        pipe.schedule = a.schedule
-    pipe.use_attention(a.attention)
-    if compiling is not None:
-        pipe.compile(compiling.mode, backend=compiling.backend, dynamic_tokens=compiling.dynamic_tokens)
+    pipe = load_pipeline(a, fam)
     images = a.image if len(a.image) > 1 else a.image[0]
     out = pipe.edit(images, a.prompt, method=a.method, seed=a.seed, steps=a.steps, guidance=a.guidance,
                     true_cfg_scale=a.true_cfg_scale, negative_prompt=a.negative_prompt, height=a.height,
@@ -302,6 +289,28 @@ def _edit(a: argparse.Namespace) -> dict:
     if pipe.loras:
         summary["loras"] = [list(entry) for entry in pipe.loras]
     return summary
+
+
+def load_pipeline(a: argparse.Namespace, fam):
+    """The pipeline of ``--model`` as the edit flags say: weights, dtype, device, memory placement, LoRAs,
+    schedule, attention backend and compilation (``--compile`` is checked before anything loads)."""
+    import torch
+
+    compiling = _compile_options(a)
+    entry = fam.models[a.model]
+    options = dict(entry.options, **({} if a.area is None else {"area": a.area}))
+    memory = dict(transformer_offload=a.transformer_offload, fp8=a.fp8, vae_tiling=a.vae_tiling,
+                  text_encoder_offload=a.text_encoder_offload)  # fmt: skip
+    pipe = fam.pipeline.from_pretrained(a.weights or entry.repo, dtype=getattr(torch, DTYPES[a.dtype]),
+                                        device=a.device, **memory, **options)  # fmt: skip
+    for path, scale in a.lora:
+        pipe.load_lora(path, scale, distilled=True if a.distilled else None)
+    if a.schedule is not None:
+        pipe.schedule = a.schedule
+    pipe.use_attention(a.attention)
+    if compiling is not None:
+        pipe.compile(compiling.mode, backend=compiling.backend, dynamic_tokens=compiling.dynamic_tokens)
+    return pipe
 
 
 def _save_edit(a: argparse.Namespace, out) -> dict:
@@ -510,9 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_edit(sub)
     _add_train_toy(sub)
+    from specedit.evals.cli_commands import add_score
     from specedit.toy.cli_commands import add_commands  # demo, eval
 
     add_commands(sub)
+    add_score(sub)
     argv = sys.argv[1:] if argv is None else argv
     try:
         a = parser.parse_args(argv)

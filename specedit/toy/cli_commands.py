@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from PIL import Image
 
 from specedit import validate as v
 from specedit.toy import atomic
@@ -32,7 +35,7 @@ def _setup(a: argparse.Namespace, device):
     threads = a.threads if a.threads is not None else (1 if device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    return ev.load_toy(a.weights, device=device, dtype=getattr(torch, DTYPES[a.dtype]))
+    return ev.load_toy(a.weights, device=device, dtype=getattr(torch, DTYPES[a.dtype or "fp32"]))
 
 
 def _lora(a: argparse.Namespace, names: list[str]):
@@ -58,7 +61,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", type=v.device, default=None, help="default: cuda (this rank's GPU) if available, else cpu"
     )
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument(
+        "--dtype", default=None, choices=list(DTYPES), help="default: fp32 (the toy), bf16 (real editors)"
+    )
     p.add_argument("--threads", type=v.positive_int, default=None,
                    help="CPU threads per process (default on the CPU: 1, the fastest for this small model on a "
                    "shared machine; more on an idle many-core one)")  # fmt: skip
@@ -101,18 +106,29 @@ def _add_demo(sub) -> None:
 
 
 def _eval(a: argparse.Namespace) -> None:
+    a.out = a.out or f"out/eval-{a.suite}"
     if a.suite != "toy":
-        raise ValueError(f"unknown suite {a.suite!r}; available: toy")
+        from specedit.evals.cli_commands import bench_eval
+
+        return bench_eval(a)
+    if a.data is not None or a.model is not None:
+        raise ValueError(
+            "--data and --model are for --suite gedit|imgedit; the toy suite makes its own edits"
+        )
     atomic.check_folder(a.out)
+    if a.judge:
+        from specedit.evals.cli_commands import check_judge
+
+        check_judge(a)
     ev.eval_cases(a.n, a.seed_offset, indices=[])  # checks --n and --seed-offset
     dist = ev.Dist.from_env()
-    names = ev.parse_methods(a.methods, reference=a.reference)
+    names = ev.parse_methods(a.methods or ",".join(ev.EVAL_METHODS), reference=a.reference)
     lora = _lora(a, names)
     device = dist.device(a.device)
     toy = _setup(a, device)
     prefix = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
     records = ev.evaluate_suite(toy, names, n=a.n, offset=a.seed_offset, reference=a.reference, dist=dist,
-                                log=_logger(a, prefix), out=a.out, lora=lora)  # fmt: skip
+                                log=_logger(a, prefix), out=a.out, lora=lora, images=bool(a.judge))  # fmt: skip
     if records is None:  # not rank 0: rank 0 writes and prints
         return
     out = ev.write_suite(records, a.out, reference=a.reference, plot=not a.no_plot)
@@ -127,23 +143,60 @@ def _eval(a: argparse.Namespace) -> None:
         print(f"{name}: {path}")
     if out["note"]:
         print(f"note: {out['note']}")
+    if a.judge:
+        from specedit.evals.cli_commands import make_judge
+
+        score_toy(a, Path(a.out), make_judge(a, Path(a.out)))
+
+
+def score_toy(a: argparse.Namespace, out: Path, judge) -> None:
+    """Judge the saved images of a toy eval folder (``--judge``; GEdit's SC / PQ / O) and print the tables."""
+    from specedit.evals import scoring
+
+    setup = json.loads((out / ev.SETUP).read_text())
+    if "images" not in setup:
+        raise ValueError(f"{out} was evaluated without --judge: it holds no images to score; use a new --out")
+    records = [dict(r, key=str(r["seed"]), category=r["kind"]) for r in atomic.read_lines(out / ev.RECORDS)]
+    cases = {}
+
+    def source(r):
+        if r["seed"] not in cases:
+            cases[r["seed"]] = ev.eval_cases(r["index"] + 1, setup["offset"], indices=[r["index"]])[0]
+        return Image.fromarray(cases[r["seed"]].example.source)
+
+    reference = setup["reference"]
+    scores = scoring.score_records(records, judge, suite="toy", source=source, instruction=lambda r: r["instruction"],
+                                   out=out, log=_logger(a), progress=not a.quiet)  # fmt: skip
+    result = scoring.write_scores(scores, records, out, suite="toy", reference=reference, plot=not a.no_plot)
+    print(result["markdown"])
+    for name, path in result["paths"].items():
+        print(f"{name}: {path}")
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluation suite: every method on held-out toy edits (table, JSON lines, "
                        "plot); shards over torchrun ranks")  # fmt: skip
-    p.add_argument("--suite", default="toy", choices=["toy"])
+    p.add_argument(
+        "--suite",
+        default="toy",
+        choices=["toy", "gedit", "imgedit"],
+        help="toy (held-out synthetic edits with ground truth), gedit or imgedit (--data, --model)",
+    )
     p.add_argument("--n", "--num-examples", dest="n", type=int, default=8,
                    help="held-out examples (under torchrun write --num-examples: torchrun takes --n as an "
                    "abbreviation of its own options)")  # fmt: skip
-    p.add_argument("--methods", default=",".join(ev.EVAL_METHODS), help="comma-separated methods (default: all "
+    p.add_argument("--methods", default=None, help="comma-separated methods (toy default: all "
                    "of the suite)")  # fmt: skip
-    p.add_argument("--out", default="out/eval-toy", help="folder for metrics.jsonl, examples.jsonl and the plot; "
+    p.add_argument("--out", default=None, help="run folder (default out/eval-SUITE): records, images, tables; "
                    "a rerun into the same folder resumes (finished records are kept)")  # fmt: skip
     p.add_argument("--seed-offset", type=int, default=0, help="examples use seeds 6_000_000 + offset + i")
     p.add_argument("--reference", default=ev.BASELINE, help="fidelity reference and speedup base")
     p.add_argument("--no-plot", action="store_true", help="skip the speed-versus-quality plot")
     _common(p)
+    from specedit.evals.cli_commands import add_bench_flags, add_judge_flags
+
+    add_judge_flags(p, required=False)
+    add_bench_flags(p)
     p.set_defaults(func=_eval)
 
 
