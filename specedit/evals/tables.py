@@ -36,7 +36,7 @@ def speedups(records: Sequence[Mapping], reference: str) -> dict[str, dict]:
     out = {}
     for method, recs in by.items():
         keys = [k for k in recs if k in by[reference]]
-        mean = lambda field, rs, keys=keys: _mean(rs[k][field] for k in keys)
+        mean = lambda field, rs, keys=keys: _mean(rs[k].get(field) for k in keys)
         lat, ref_lat = mean("latency_s", recs), mean("latency_s", by[reference])
         tf, ref_tf = mean("tflops", recs), mean("tflops", by[reference])
         out[method] = {
