@@ -146,7 +146,7 @@ def _print_tables(result: dict) -> None:
 
 def _score(a: argparse.Namespace) -> None:
     """``specedit score``: judge the run in ``--out`` (its run.json says the suite and data)."""
-    from specedit.evals import editing, runner
+    from specedit.evals import editing
 
     out = Path(a.out)
     setup_file = out / editing.SETUP
@@ -159,10 +159,9 @@ def _score(a: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{out} holds no eval run ({editing.SETUP} or suite.json missing)")
     setup = json.loads(setup_file.read_text())
     bench = read_data(setup["suite"], a.data or setup["data"], a)
-    records = runner.RecordStore(out, setup, {}, id_field="key", records=editing.RECORDS,
-                                 setup_file=editing.SETUP).records  # fmt: skip
+    records = atomic.read_lines(out / editing.RECORDS)
     a.reference = setup["reference"]
-    _score_bench(a, out, bench, sorted(records.values(), key=lambda r: r["index"]))
+    _score_bench(a, out, bench, records)
 
 
 def add_judge_flags(p: argparse.ArgumentParser, *, required: bool) -> None:

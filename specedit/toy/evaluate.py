@@ -543,6 +543,7 @@ def _save_images(out: Path, records: list[dict], outcomes: Mapping[str, Outcome]
     """Write each record's output image (atomically) and name it in the record."""
     for r in records:
         r["image"] = image_path(r)
+        (out / r["image"]).parent.mkdir(parents=True, exist_ok=True)
         atomic.save_image(Image.fromarray(to_uint8(outcomes[r["method"]].image)), out / r["image"])
     return records
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from PIL import Image
 
 pytest.importorskip("pyarrow")
 
-from minidata import write_gedit  # noqa: E402
+from minidata import write_gedit, write_imgedit  # noqa: E402
 
 from specedit.evals import editing, fidelity  # noqa: E402
 from specedit.evals.gedit import read_gedit  # noqa: E402
@@ -154,3 +155,30 @@ def test_changed_region_rule():
     assert f["psnr"] is None and f["ssim"] == pytest.approx(1.0)  # identical: infinite PSNR is undefined
     with pytest.raises(ValueError, match="differ in size"):
         fidelity.changed_region(ref, src[:16])
+
+
+def test_score_a_gedit_run_then_rescore_from_the_cache(single, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(single, out)
+    first = cli("score", "--out", str(out), "--judge", "scripted", "--no-plot", "--quiet")
+    assert "| specedit-9 | cn | 1 |" in first.stdout and "| steps-9 | en | 2 |" in first.stdout
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 6 and not any(s["malformed"] for s in scores)
+    assert {s["judge"] for s in scores} == {"scripted:demo-script"}
+    cache = sorted((out / "judge_cache").iterdir())
+    assert 6 <= len(cache) <= 12  # SC and PQ per image; identical questions (en and cn share images) once
+    stamps = [p.stat().st_mtime_ns for p in cache]
+    again = cli("score", "--out", str(out), "--judge", "scripted", "--no-plot", "--quiet")
+    assert again.stdout == first.stdout and [p.stat().st_mtime_ns for p in cache] == stamps
+    proc = cli("score", "--out", str(tmp_path / "nothing"), "--judge", "scripted", check=False)
+    assert proc.returncode == 2 and "holds no eval run" in proc.stderr
+
+
+def test_imgedit_run_with_the_scripted_judge(tmp_path):
+    data = write_imgedit(tmp_path / "data", n_per_type=1)
+    out = tmp_path / "run"
+    proc = cli("eval", *RUN[2:], "--suite", "imgedit", "--data", str(data), "--out", str(out), "--limit", "2",
+               "--judge", "scripted", "--no-plot")  # fmt: skip
+    recs = read(out)
+    assert len(recs) == 4 and all(r["image"] == f"{r['method']}/{r['key']}.png" for r in recs)
+    assert "overall (weighted)" in proc.stdout and "| specedit-9 | all |" in proc.stdout
