@@ -192,6 +192,14 @@ SYSTEM = "You are a helpful assistant."
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
+def instruct_files(path_or_id: str) -> Path | str:
+    """A Qwen2.5-VL-Instruct repo's tokenizer and preprocessor files: a local folder as is; a hub id has its
+    root ``*.json`` and ``*.txt`` downloaded (an Instruct repo keeps them at the root, not in ``processor/``)."""
+    from models.loading import download, is_repo_id
+
+    return download(path_or_id, ["*.json", "*.txt"]) if is_repo_id(str(path_or_id)) else path_or_id
+
+
 @dataclass
 class QwenVLJudge:
     """Qwen2.5-VL-Instruct on ``models.qwen2_5_vl`` with greedy decoding. ``model`` has ``generate``
@@ -213,7 +221,7 @@ class QwenVLJudge:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        processor = load_qwen_processor(path_or_id)
+        processor = load_qwen_processor(instruct_files(path_or_id))
         model = load_qwen2_5_vl(path_or_id, lm_head=True, device=device, dtype=dtype)
         return cls(model, processor, name=str(path_or_id), max_new_tokens=max_new_tokens)
 

@@ -209,3 +209,15 @@ def test_qwen_vl_judge_generates_like_transformers(tmp_path):
     new = want[0, inputs["input_ids"].shape[1] :].tolist()
     new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
     assert text == processor.tokenizer.decode(new) and j.identity == "qwen-vl:tiny"
+
+
+def test_instruct_hub_id_fetches_the_root_tokenizer_files(monkeypatch, tmp_path):
+    import models.loading
+
+    calls = []
+    monkeypatch.setattr(
+        models.loading, "download", lambda repo, patterns: calls.append((repo, patterns)) or tmp_path
+    )
+    assert judges.instruct_files("Qwen/Qwen2.5-VL-7B-Instruct") == tmp_path
+    assert calls == [("Qwen/Qwen2.5-VL-7B-Instruct", ["*.json", "*.txt"])]
+    assert judges.instruct_files(str(tmp_path)) == str(tmp_path)  # a local folder as is
