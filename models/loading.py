@@ -582,11 +582,17 @@ def locate(
     raise FileNotFoundError(f"no {what} in {p}: expected {expected}")
 
 
-def download(repo_id: str, allow_patterns: list[str]) -> Path:
+def download(repo_id: str, allow_patterns: list[str], *, repo_type: str = "model",
+             revision: str | None = None) -> Path:  # fmt: skip
+    """The files of a hub repo (a model, or ``repo_type="dataset"``) matching ``allow_patterns``, downloaded to
+    the hub cache; hub errors become one-line instructions (gated, not found, unreachable)."""
     from huggingface_hub import snapshot_download
 
+    at = f"@{revision}" if revision else ""
+    plain = repo_type == "model" and revision is None  # the hub's defaults: name nothing
+    options = {} if plain else {"repo_type": repo_type, "revision": revision}
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, **options))
     except Exception as e:  # translate hub errors into instructions
         name = type(e).__name__
         status = getattr(getattr(e, "response", None), "status_code", None)
@@ -598,17 +604,15 @@ def download(repo_id: str, allow_patterns: list[str]) -> Path:
                 f"https://huggingface.co/settings/tokens "
                 f"and export HF_TOKEN=<token> (or pass a local folder instead)."
             ) from e
-        if name == "RepositoryNotFoundError" or status == 404:
-            raise FileNotFoundError(
-                f"Hugging Face repo {repo_id!r} not found (or private without a token)"
-            ) from e
+        if name in ("RepositoryNotFoundError", "RevisionNotFoundError") or status == 404:
+            what = "hub dataset" if repo_type == "dataset" else "Hugging Face repo"
+            raise FileNotFoundError(f"{what} {repo_id}{at} not found (or private without a token)") from e
         if (
             name in ("LocalEntryNotFoundError", "ConnectError", "ConnectionError")
             or "connect" in str(e).lower()
         ):
             raise ConnectionError(
-                f"could not download {repo_id} ({allow_patterns}): the hub is unreachable and nothing "
-                f"is cached. "
-                f"Download the files elsewhere and pass the local folder."
+                f"could not download {repo_id}{at} ({', '.join(allow_patterns)}): the hub is unreachable; pass a local "
+                "folder instead (nothing is cached)"
             ) from e
         raise

@@ -54,11 +54,6 @@ def check_keys(data: BenchData) -> None:
         seen.add(item.key)
 
 
-def _edit(pipe, item: EditItem, source: Image.Image, method: str, seed: int, options: Mapping):
-    out = pipe.edit(source, item.instruction, method=method, seed=seed, **options)
-    return out, out.image
-
-
 def _save_source(data: BenchData, item: EditItem, folder: Path) -> None:
     """The source copy the official scorer reads beside the outputs (GEdit's ``<key>_SRCIMG.png``), once."""
     if data.source_layout is None:
@@ -98,7 +93,8 @@ def edit_item(pipe, data: BenchData, item: EditItem, index: int, methods: Sequen
         if m == reference and m not in todo:
             ref_image = Image.open(ref_path).convert("RGB")
             continue
-        o, image = _edit(pipe, item, source, m, seed, options)
+        o = pipe.edit(source, item.instruction, method=m, seed=seed, **options)
+        image = o.image
         path = data.output_path(out, m, item)
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_source(data, item, out / m)

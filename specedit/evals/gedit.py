@@ -125,27 +125,9 @@ def data_files(path: str | os.PathLike) -> list[Path]:
 
 def snapshot_dataset(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     """A hub dataset's files matching ``patterns``, downloaded to the hub cache; the folder."""
-    from huggingface_hub import snapshot_download
+    from models.loading import download
 
-    at = f"@{revision}" if revision else ""
-    try:
-        got = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns)
-    except Exception as e:  # hub errors become one line that says what to do
-        name = type(e).__name__
-        if name in ("RepositoryNotFoundError", "RevisionNotFoundError"):
-            raise FileNotFoundError(
-                f"hub dataset {repo_id}{at} not found (or private without a token)"
-            ) from e
-        if (
-            name in ("LocalEntryNotFoundError", "ConnectError", "ConnectionError")
-            or "connect" in str(e).lower()
-        ):
-            raise ConnectionError(
-                f"could not download {repo_id}{at} ({', '.join(patterns)}): the hub is unreachable; "
-                f"pass a local folder instead"
-            ) from e
-        raise
-    return Path(got)
+    return download(repo_id, patterns, repo_type="dataset", revision=revision)
 
 
 def _resolve(source: str | os.PathLike, revision: str | None) -> tuple[Path, str]:
