@@ -443,6 +443,8 @@ def _train_toy(a: argparse.Namespace) -> dict:
             "ae_crop": a.ae_crop,
             "lr": a.lr,
             "ema": a.ema,
+            "warmup": a.warmup,
+            "edit_weight": a.edit_weight,
             "ckpt_every": a.checkpoint_every,
         }.items()
         if v is not None
@@ -464,6 +466,8 @@ def _train_toy(a: argparse.Namespace) -> dict:
 
     if a.res_probs:
         overrides["res_probs"] = tuple(float(x) for x in a.res_probs.split(","))
+    if a.kind_weights:
+        overrides["kind_weights"] = _kind_weights(a.kind_weights)
     return train_toy(
         a.run,
         device=a.device,
@@ -476,6 +480,25 @@ def _train_toy(a: argparse.Namespace) -> dict:
         log=log,
         **overrides,
     )
+
+
+def _kind_weights(text: str) -> tuple[float, ...]:
+    """``add=3,move=2``: those kinds' training weights, the others' from the recipe's defaults."""
+    from specedit.toy.data import ALL_EDITS
+    from specedit.toy.train import KIND_WEIGHTS
+
+    weights = dict(KIND_WEIGHTS)
+    for item in text.split(","):
+        kind, _, value = item.strip().partition("=")
+        if kind not in weights:
+            raise ValueError(
+                f"--kind-weights: unknown edit kind {kind!r}; choose from {', '.join(ALL_EDITS)}"
+            )
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"--kind-weights: {item.strip()!r} is not KIND=WEIGHT") from None
+    return tuple(weights[k] for k in ALL_EDITS)
 
 
 def _add_train_toy(sub) -> None:
@@ -496,6 +519,8 @@ def _add_train_toy(sub) -> None:
     p.add_argument(
         "--res-probs", default=None, help="batch mix: full,2x,4x,mixed probabilities (e.g. 0.4,0.2,0.1,0.3)"
     )
+    p.add_argument("--kind-weights", default=None, metavar="KIND=W,...",
+                   help="how often each edit kind is drawn, e.g. add=3,scatter=0 (others: the recipe's)")  # fmt: skip
     for name, kind in (
         ("steps", int),
         ("batch", int),
@@ -506,6 +531,8 @@ def _add_train_toy(sub) -> None:
         ("ae-crop", int),
         ("lr", float),
         ("ema", float),
+        ("warmup", int),
+        ("edit-weight", float),
     ):
         p.add_argument(f"--{name}", type=kind, default=None)
     p.add_argument("--quiet", action="store_true")

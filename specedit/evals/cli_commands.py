@@ -24,7 +24,7 @@ from pathlib import Path
 from specedit import validate as v
 from specedit.toy import atomic
 
-SUITES = ("toy", "gedit", "imgedit")
+SUITES = ("toy", "toy-stochastic", "gedit", "imgedit")
 JUDGES = ("scripted", "openai", "qwen-vl")
 
 

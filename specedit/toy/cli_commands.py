@@ -107,7 +107,7 @@ def _add_demo(sub) -> None:
 
 def _eval(a: argparse.Namespace) -> None:
     a.out = a.out or f"out/eval-{a.suite}"
-    if a.suite != "toy":
+    if a.suite not in ev.SUITES:
         from specedit.evals.cli_commands import bench_eval
 
         return bench_eval(a)
@@ -120,7 +120,7 @@ def _eval(a: argparse.Namespace) -> None:
         from specedit.evals.cli_commands import check_judge
 
         check_judge(a)
-    ev.eval_cases(a.n, a.seed_offset, indices=[])  # checks --n and --seed-offset
+    ev.eval_cases(a.n, a.seed_offset, indices=[], suite=a.suite)  # checks --n and --seed-offset
     dist = ev.Dist.from_env()
     names = ev.parse_methods(a.methods or ",".join(ev.EVAL_METHODS), reference=a.reference)
     lora = _lora(a, names)
@@ -128,16 +128,26 @@ def _eval(a: argparse.Namespace) -> None:
     toy = _setup(a, device)
     prefix = f"[rank {dist.rank}/{dist.world}] " if dist.world > 1 else ""
     records = ev.evaluate_suite(toy, names, n=a.n, offset=a.seed_offset, reference=a.reference, dist=dist,
-                                log=_logger(a, prefix), out=a.out, lora=lora, images=bool(a.judge))  # fmt: skip
+                                log=_logger(a, prefix), out=a.out, lora=lora, images=bool(a.judge),
+                                suite=a.suite)  # fmt: skip
     if records is None:  # not rank 0: rank 0 writes and prints
         return
     out = ev.write_suite(records, a.out, reference=a.reference, plot=not a.no_plot)
-    title = (
-        f"toy eval suite: {a.n} held-out edits (seeds {ev.EVAL_FIRST_SEED + a.seed_offset}+), {dist.world} "
-        f"process(es); fidelity to {a.reference} (whole / edited / unedited region), PSNR to the ground truth, "
-        "verifier IoU / precision / recall on local edits (L), expanded fraction on global edits (G)"
-    )
-    print(ev.format_table(out["rows"], ev.EVAL_COLUMNS, title=title))
+    first = ev.SUITES[a.suite] + a.seed_offset
+    if a.suite == "toy":
+        title = (
+            f"toy eval suite: {a.n} held-out edits (seeds {first}+), {dist.world} process(es); fidelity to "
+            f"{a.reference} (whole / edited / unedited region), PSNR to the ground truth, verifier IoU / precision"
+            " / recall on local edits (L), expanded fraction on global edits (G), curvature of one-stage paths"
+        )
+    else:
+        title = (
+            f"toy-stochastic suite: {a.n} held-out edits with several valid outcomes (seeds {first}+), "
+            f"{dist.world} process(es); fidelity to the same-seed {a.reference} output (whole / edited / "
+            "unedited region), validity (object there, rest kept), PSNR to the one drawn target, curvature"
+        )
+    columns = ev.EVAL_COLUMNS if a.suite == "toy" else ev.STOCHASTIC_COLUMNS
+    print(ev.format_table(out["rows"], columns, title=title))
     print()
     for name, path in out["paths"].items():
         print(f"{name}: {path}")
@@ -161,7 +171,10 @@ def score_toy(a: argparse.Namespace, out: Path, judge) -> None:
 
     def source(r):
         if r["seed"] not in cases:
-            cases[r["seed"]] = ev.eval_cases(r["index"] + 1, setup["offset"], indices=[r["index"]])[0]
+            suite = setup.get("suite", "toy")
+            cases[r["seed"]] = ev.eval_cases(
+                r["index"] + 1, setup["offset"], indices=[r["index"]], suite=suite
+            )[0]
         return Image.fromarray(cases[r["seed"]].example.source)
 
     reference = setup["reference"]
@@ -179,8 +192,9 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--suite",
         default="toy",
-        choices=["toy", "gedit", "imgedit"],
-        help="toy (held-out synthetic edits with ground truth), gedit or imgedit (--data, --model)",
+        choices=["toy", "toy-stochastic", "gedit", "imgedit"],
+        help="toy (held-out synthetic edits with ground truth), toy-stochastic (edits with several valid "
+        "outcomes: fidelity, validity, curvature), gedit or imgedit (--data, --model)",
     )
     p.add_argument("--n", "--num-examples", dest="n", type=int, default=8,
                    help="held-out examples (under torchrun write --num-examples: torchrun takes --n as an "
@@ -189,7 +203,8 @@ def _add_eval(sub) -> None:
                    "of the suite)")  # fmt: skip
     p.add_argument("--out", default=None, help="run folder (default out/eval-SUITE): records, images, tables; "
                    "a rerun into the same folder resumes (finished records are kept)")  # fmt: skip
-    p.add_argument("--seed-offset", type=int, default=0, help="examples use seeds 6_000_000 + offset + i")
+    p.add_argument("--seed-offset", type=int, default=0, help="examples use seeds 6_000_000 + offset + i "
+                   "(toy-stochastic: 8_000_000 + offset + i)")  # fmt: skip
     p.add_argument("--reference", default=ev.BASELINE, help="fidelity reference and speedup base")
     p.add_argument("--no-plot", action="store_true", help="skip the speed-versus-quality plot")
     _common(p)

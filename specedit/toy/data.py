@@ -5,7 +5,13 @@ A scene is a background (plain, a two-colour gradient or a two-colour texture) w
 edit is an English instruction and the scene it describes:
 
 - local: recolour, remove, add at a named place, resize (bigger / smaller), move to a named place;
-- global: background colour, brightness (brighter / darker), colour cast (warm / cool).
+- global: background colour, brightness (brighter / darker), colour cast (warm / cool);
+- stochastic (several valid outcomes, the curved-flow suite): add a shape somewhere on a side (left, right,
+  top, bottom: a free place of that side, jittered), fill a shape with a random pattern (checker, stripes or
+  dots of a random second colour, period and phase), scatter two to four dots at random free positions.
+
+A stochastic example's target is one draw of its outcome distribution; ``Example.request`` says what every
+valid outcome has (the colour, the region it may change, the count), which ``specedit.toy.validity`` checks.
 
 ``make_example(seed)`` returns the source image, the instruction, the edited image and the pixel-exact edit
 mask (pixels whose value changed). Everything is drawn from ``numpy.random.default_rng(seed)``, so a seed is
@@ -32,15 +38,26 @@ PLACES = {
 }  # (row, col) as fractions  # fmt: skip
 LOCAL_EDITS = ("recolor", "remove", "add", "resize", "move")
 GLOBAL_EDITS = ("background", "brightness", "cast")
+STOCHASTIC_EDITS = ("add-somewhere", "pattern", "scatter")
+ALL_EDITS = LOCAL_EDITS + GLOBAL_EDITS + STOCHASTIC_EDITS
+SIDES = {side: tuple(p for p in PLACES if side in p.split()) for side in ("left", "right", "top", "bottom")}
+COUNTS = {"two": 2, "three": 3, "four": 4}
+DOT_RADIUS = 0.045  # scattered dots, as a fraction of the image side
+JITTER = 0.07  # add-somewhere: the shape's centre moves up to this fraction from its place, per axis
+PATTERN_PERIODS = (8, 10, 12, 16)  # pixels; >= 2 latent pixels of the toy AE (4 px each)
 BACKGROUNDS = ("plain", "gradient", "texture")
 
 
 @dataclass(frozen=True)
 class Shape:
-    kind: str
+    kind: str  # one of SHAPES, or "dot" (radius DOT_RADIUS; ``size`` is ignored)
     color: str
     size: str
     place: str
+    offset: tuple[float, float] = (0.0, 0.0)  # (row, col) from the place's centre, fractions of the side
+    pattern: tuple | None = (
+        None  # ("checker" | "stripes" | "dots", second colour, period px, phase y, phase x)
+    )
 
     @property
     def name(self) -> str:
@@ -63,15 +80,30 @@ class Example:
     mask: np.ndarray  # (H, W) bool: pixels the edit changed
     kind: str  # the edit type, e.g. "recolor" or "background"
     scene: Scene = field(repr=False, default=None)
+    request: Request | None = field(
+        repr=False, default=None
+    )  # stochastic edits: what every valid outcome has
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a stochastic edit asks for, in the generator's own terms: ``color`` (a COLORS name) must appear as
+    ``count`` new objects (add-somewhere, scatter; ``count`` 0: a pattern) inside ``region`` (a (H, W) bool
+    mask: the side's half, the free area, the shape) and nothing outside ``region`` may change."""
+
+    kind: str
+    color: str
+    region: np.ndarray = field(repr=False)
+    count: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- rendering
 def _shape_mask(shape: Shape, size: int) -> np.ndarray:
-    cy, cx = np.array(PLACES[shape.place]) * size
-    r = SIZES[shape.size] * size
+    cy, cx = (np.array(PLACES[shape.place]) + np.array(shape.offset)) * size
+    r = (DOT_RADIUS if shape.kind == "dot" else SIZES[shape.size]) * size
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     dy, dx = yy - cy, xx - cx
-    if shape.kind == "circle":
+    if shape.kind in ("circle", "dot"):
         return dy**2 + dx**2 <= r**2
     if shape.kind == "square":
         s = r * 0.85
@@ -109,11 +141,28 @@ def _background(bg: tuple, size: int) -> np.ndarray:
     raise ValueError(f"unknown background {kind!r}")
 
 
+def _pattern(pattern: tuple, size: int) -> np.ndarray:
+    """(size, size) bool: where a patterned shape takes its second colour."""
+    style, _, period, py, px = pattern
+    yy, xx = np.mgrid[0:size, 0:size]
+    y, x = (yy + py) % period, (xx + px) % period
+    if style == "checker":
+        return ((yy + py) // (period // 2) + (xx + px) // (period // 2)) % 2 == 0
+    if style == "stripes":
+        return ((xx + yy + px) // (period // 2)) % 2 == 0
+    if style == "dots":
+        return (y - period / 2 + 0.5) ** 2 + (x - period / 2 + 0.5) ** 2 <= (period / 3.2) ** 2
+    raise ValueError(f"unknown pattern style {style!r}")
+
+
 def render(scene: Scene, size: int = 128) -> np.ndarray:
     """(size, size, 3) uint8 image of ``scene``."""
     img = _background(scene.background, size)
     for shape in scene.shapes:
-        img[_shape_mask(shape, size)] = COLORS[shape.color]
+        inside = _shape_mask(shape, size)
+        img[inside] = COLORS[shape.color]
+        if shape.pattern is not None:
+            img[inside & _pattern(shape.pattern, size)] = COLORS[shape.pattern[1]]
     img = img * scene.brightness * np.array(scene.cast, np.float32)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
@@ -222,34 +271,135 @@ def make_edit(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[str, S
     raise ValueError(f"unknown edit kind {kind!r}")
 
 
+def make_stochastic_edit(rng: np.random.Generator, scene: Scene, kind: str, size: int = 128):
+    """A stochastic edit of ``kind``: (instruction, one drawn edited scene, its Request), or None when the scene
+    does not allow it. Every random choice the instruction leaves open is drawn from ``rng``."""
+    shapes = scene.shapes
+    bg_colors = set(scene.background[1:3]) if scene.background[0] != "plain" else {scene.background[1]}
+    half = np.zeros((size, size), bool)
+    if kind == "add-somewhere":
+        sides = [s for s, places in SIDES.items() if any(p not in {x.place for x in shapes} for p in places)]
+        if not sides or len(shapes) >= 4:
+            return None
+        side = _pick(rng, sides)
+        place = _free_place(rng, shapes, exclude=tuple(p for p in PLACES if p not in SIDES[side]))
+        k = _pick(rng, SHAPES)
+        color = _pick(rng, list(COLORS), exclude=bg_colors | {x.color for x in shapes})
+        offset = tuple(float(v) for v in rng.uniform(-JITTER, JITTER, 2))
+        new = Shape(k, color, _pick(rng, list(SIZES)), place, offset)
+        cut = round(0.56 * size)  # the side's half and a margin for a large shape jittered inwards
+        region = {
+            "left": np.s_[:, :cut],
+            "right": np.s_[:, size - cut :],
+            "top": np.s_[:cut],
+            "bottom": np.s_[size - cut :],
+        }
+        half[region[side]] = True
+        text = _pick(rng, ("add a {n} somewhere on the {s}", "put a {n} somewhere on the {s}"))
+        return (
+            text.format(n=new.name, s=side),
+            replace(scene, shapes=(*shapes, new)),
+            Request(kind, color, half, 1),
+        )
+    if kind == "pattern":
+        named = [s for s in shapes if _distinct(shapes, s) and s.size != "small"]
+        if not named:
+            return None
+        s = _pick(rng, named)
+        period = int(_pick(rng, PATTERN_PERIODS))
+        second = _pick(rng, list(COLORS), exclude=bg_colors | {s.color})
+        pattern = (
+            _pick(rng, ("checker", "stripes", "dots")),
+            second,
+            period,
+            *(int(v) for v in rng.integers(period, size=2)),
+        )
+        edited = tuple(replace(x, pattern=pattern) if x is s else x for x in shapes)
+        region = _shape_mask(s, size) & ~_covered(shapes[shapes.index(s) + 1 :], size)
+        text = f"fill the {s.name} with a random pattern"
+        return text, replace(scene, shapes=edited), Request(kind, s.color, region, 0)
+    if kind == "scatter":
+        count_word = _pick(rng, list(COUNTS))
+        color = _pick(rng, list(COLORS), exclude=bg_colors | {x.color for x in shapes})
+        free = ~_covered(shapes, size, grow=3)
+        dots: list[Shape] = []
+        for _ in range(200):
+            if len(dots) == COUNTS[count_word]:
+                break
+            y, x = rng.uniform(0.08, 0.92, 2)
+            dot = Shape("dot", color, "small", "center", (float(y) - 0.5, float(x) - 0.5))
+            inside = _shape_mask(dot, size)
+            if (inside & ~free).any() or (inside & _covered(tuple(dots), size, grow=4)).any():
+                continue
+            dots.append(dot)
+        if len(dots) < COUNTS[count_word]:
+            return None
+        text = f"scatter {count_word} {color} dots"
+        return text, replace(scene, shapes=(*shapes, *dots)), Request(kind, color, free, COUNTS[count_word])
+    raise ValueError(f"unknown stochastic edit kind {kind!r}")
+
+
+def _covered(shapes: tuple[Shape, ...], size: int, grow: int = 0) -> np.ndarray:
+    """(size, size) bool: pixels within ``grow`` pixels (a square neighbourhood) of any of ``shapes``."""
+    covered = np.zeros((size, size), bool)
+    for shape in shapes:
+        covered |= _shape_mask(shape, size)
+    return dilate(covered, grow)
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """The bool ``mask`` grown by ``pixels`` (a square neighbourhood: 8-connected steps)."""
+    for _ in range(pixels):
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+        mask = grown
+    return mask
+
+
 def make_example(seed: int, *, size: int = 128, kinds: tuple[str, ...] = LOCAL_EDITS + GLOBAL_EDITS,
-                 max_shapes: int = 3) -> Example:  # fmt: skip
-    """The example of ``seed``: a random scene and a random edit of one of ``kinds`` (retrying if needed)."""
-    unknown = set(kinds) - set(LOCAL_EDITS + GLOBAL_EDITS)
+                 max_shapes: int = 3, weights: tuple[float, ...] | None = None) -> Example:  # fmt: skip
+    """The example of ``seed``: a random scene and a random edit of one of ``kinds`` (uniformly, or with
+    ``weights``), retrying if the scene does not allow it. The default draws only deterministic edits, as the
+    first toy editor's data did, so its seeds give the same examples."""
+    unknown = set(kinds) - set(ALL_EDITS)
     if unknown:
-        raise ValueError(f"unknown edit kinds {sorted(unknown)}; choose from {LOCAL_EDITS + GLOBAL_EDITS}")
+        raise ValueError(f"unknown edit kinds {sorted(unknown)}; choose from {ALL_EDITS}")
+    if weights is not None and (len(weights) != len(kinds) or min(weights) < 0 or not sum(weights) > 0):
+        raise ValueError(f"weights must be one number >= 0 per kind with a positive sum, got {weights}")
+    p = None if weights is None else np.asarray(weights, float) / sum(weights)
     rng = np.random.default_rng(seed)
     for _ in range(100):
         scene = _scene_sample(rng, max_shapes)
-        kind = kinds[int(rng.integers(len(kinds)))]
-        made = make_edit(rng, scene, kind)
+        kind = kinds[int(rng.integers(len(kinds)) if p is None else rng.choice(len(kinds), p=p))]
+        request = None
+        if kind in STOCHASTIC_EDITS:
+            made = make_stochastic_edit(rng, scene, kind, size)
+            made, request = (None, None) if made is None else (made[:2], made[2])
+        else:
+            made = make_edit(rng, scene, kind)
         if made is None:
             continue
         text, edited = made
         src, tgt = render(scene, size), render(edited, size)
         mask = (src != tgt).any(-1)
         if mask.any():
-            return Example(src, text, tgt, mask, kind, scene)
+            return Example(src, text, tgt, mask, kind, scene, request)
     raise RuntimeError(f"no valid edit found for seed {seed} and kinds {kinds}")
 
 
 _WORDS = """make the change to paint remove delete take away add a at put draw bigger smaller move shift
 background image brighter darker give warm cool tint"""
+_STOCHASTIC_WORDS = "somewhere on fill with random pattern scatter dots"
 
 
 def vocabulary() -> list[str]:
-    """Every word an instruction can contain, sorted (the toy tokenizer's vocabulary)."""
+    """Every word an instruction can contain (the toy tokenizer's vocabulary): the first editor's 48 words,
+    sorted, then the stochastic edits' words, sorted, so the first 48 keep their ids."""
     words = set(_WORDS.split()) | set(COLORS) | set(SHAPES)
     for place in PLACES:
         words |= set(place.split())
-    return sorted(words)
+    added = set(_STOCHASTIC_WORDS.split()) | set(COUNTS)
+    return sorted(words) + sorted(added - words)

@@ -47,8 +47,8 @@ from specedit.evals.runner import Dist, Log, Ranks, RecordStore, clean, open_sto
 from specedit.families import get_family
 from specedit.method import Baseline
 from specedit.presets import methods
-from specedit.toy import atomic, metrics
-from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, Example, make_example
+from specedit.toy import atomic, metrics, validity
+from specedit.toy.data import ALL_EDITS, GLOBAL_EDITS, LOCAL_EDITS, STOCHASTIC_EDITS, Example, make_example
 from specedit.toy.model import WEIGHTS, ToyEditor, images_to_tensor
 from specedit.viz import mask_overlay
 
@@ -70,6 +70,8 @@ DISTILL_LORA = "distill_lora.safetensors"  # the distilled LoRA's file name in a
 DEMO_SEEDS = (5_000_002, 5_000_001, 5_000_017, 5_000_008, 5_000_009, 5_000_013)
 DEMO_METHODS = ("specedit-18", "specedit-9")
 EVAL_FIRST_SEED = 6_000_000
+STOCHASTIC_FIRST_SEED = 8_000_000
+SUITES = {"toy": EVAL_FIRST_SEED, "toy-stochastic": STOCHASTIC_FIRST_SEED}  # suite -> its first seed
 ABLATION_METHODS = (
     "specedit-18", "specedit-18-tau0.4", "specedit-18-tau0.9", "specedit-18-ndraft4", "specedit-18-k2",
     "specedit-18-k4", "specedit-18-draft6", "specedit-18-draft8", "specedit-18-z1", "nodraft-18", "semantic-18",
@@ -100,7 +102,8 @@ class Case:
 
     @property
     def scope(self) -> str:
-        return "global" if self.example.kind in GLOBAL_EDITS else "local"
+        kind = self.example.kind
+        return "global" if kind in GLOBAL_EDITS else "stochastic" if kind in STOCHASTIC_EDITS else "local"
 
 
 def demo_cases(n: int = 4) -> list[Case]:
@@ -112,15 +115,24 @@ def demo_cases(n: int = 4) -> list[Case]:
     return [Case(i, s, make_example(s)) for i, s in enumerate(DEMO_SEEDS[:n])]
 
 
-def eval_cases(n: int, offset: int = 0, *, indices: Iterable[int] | None = None) -> list[Case]:
-    """Suite examples ``indices`` (default all ``n``): seed 6_000_000 + offset + i, a local edit for even seeds
-    and a global one for odd seeds."""
+def eval_cases(
+    n: int, offset: int = 0, *, indices: Iterable[int] | None = None, suite: str = "toy"
+) -> list[Case]:
+    """Suite examples ``indices`` (default all ``n``). "toy": seed 6_000_000 + offset + i, a local edit for even
+    seeds and a global one for odd seeds; "toy-stochastic": seed 8_000_000 + offset + i, the stochastic kinds in
+    turn (add-somewhere, pattern, scatter)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown toy suite {suite!r}; choose from {', '.join(SUITES)}")
     if n < 1 or offset < 0:
         raise ValueError(f"need n >= 1 and offset >= 0, got n={n}, offset={offset}")
     out = []
     for i in range(n) if indices is None else indices:
-        seed = EVAL_FIRST_SEED + offset + i
-        out.append(Case(i, seed, make_example(seed, kinds=GLOBAL_EDITS if seed % 2 else LOCAL_EDITS)))
+        seed = SUITES[suite] + offset + i
+        if suite == "toy":
+            kinds = GLOBAL_EDITS if seed % 2 else LOCAL_EDITS
+        else:
+            kinds = (STOCHASTIC_EDITS[(offset + i) % len(STOCHASTIC_EDITS)],)
+        out.append(Case(i, seed, make_example(seed, kinds=kinds)))
     return out
 
 
@@ -168,11 +180,29 @@ def to_uint8(image: Tensor) -> np.ndarray:
 
 @dataclass
 class Outcome:
-    """One method's edit of one case: the image (1, 3, H, W) in [-1, 1], the result and its wall time."""
+    """One method's edit of one case: the image (1, 3, H, W) in [-1, 1], the result, its wall time and, for a
+    one-stage sampler, the curvature of its path (:func:`curvature`)."""
 
     image: Tensor
     result: object
     latency_s: float
+    curvature: float | None = None
+
+
+def curvature(steps: Sequence[dict]) -> float | None:
+    """How far a sampled path is from a straight line: the sigma-weighted variance of the step velocities about
+    their mean (the chord's velocity, (x_end - x_start) / (sigma_end - sigma_start)), over the chord velocity's
+    squared norm. 0 for a straight rectified flow (one constant velocity), which one Euler step integrates
+    exactly; larger where the velocity turns as the sample commits to one of several outcomes. ``steps``: the
+    sampler's callback infos (sigma, sigma_next, v); None unless every step is of one stage and shape."""
+    if not steps or len({(s.get("stage"), tuple(s["v"].shape)) for s in steps}) != 1:
+        return None
+    w = torch.tensor([float(s["sigma"] - s["sigma_next"]) for s in steps], dtype=torch.float64)
+    v = torch.stack([s["v"].double() for s in steps])  # (steps, b, n, c)
+    w = (w / w.sum()).view(-1, *[1] * (v.ndim - 1))
+    chord = (w * v).sum(0)
+    spread = (w * (v - chord) ** 2).sum(0).sum()
+    return float(spread / chord.pow(2).sum())
 
 
 def weights_of(method) -> str:
@@ -222,12 +252,13 @@ def run_case(toy: ToyEditor, case: Case, named: Mapping[str, object], *, warmup:
 def _run_group(ed, case: Case, named: Mapping[str, object], log: Log) -> dict[str, Outcome]:
     out = {}
     for name, method in named.items():
+        steps = []
         sync(ed.source)
         t0 = time.perf_counter()
-        result = method.run(ed, case.seed)
+        result = method.run(ed, case.seed, callback=steps.append)
         sync(ed.source)
         seconds = time.perf_counter() - t0
-        out[name] = Outcome(ed.decode(result.latent).clamp(-1, 1), result, seconds)
+        out[name] = Outcome(ed.decode(result.latent).clamp(-1, 1), result, seconds, curvature(steps))
         if log:
             log(f"example {case.index} (seed {case.seed}) {name}: {seconds:.2f} s")
     return out
@@ -257,6 +288,12 @@ def score(
         "ssim_ref_edit": _f(metrics.ssim(img, ref, edit)), "ssim_ref_keep": _f(metrics.ssim(img, ref, keep)),
         "psnr_gt": _f(metrics.psnr(img, gt)), "psnr_gt_edit": _f(metrics.psnr(img, gt, edit)),
     }  # fmt: skip
+    if outcome.curvature is not None:
+        rec["curvature"] = outcome.curvature
+    if ex.request is not None:  # a stochastic edit: is the output one of its valid outcomes?
+        check = validity.check(ex, to_uint8(img))
+        rec.update({"valid": float(check["valid"]), "valid_object": float(check["object"]),
+                    "valid_preserved": float(check["preserved"]), "found": float(check["found"])})  # fmt: skip
     verdict = result.verdict
     if verdict is not None:
         pred = verdict.edit if verdict.edit is not None else verdict.mask
@@ -311,6 +348,7 @@ def _mean(values: Iterable) -> float | None:
 
 FIDELITY = ("psnr_ref", "psnr_ref_edit", "psnr_ref_keep", "ssim_ref", "ssim_ref_edit", "ssim_ref_keep",
             "psnr_gt", "psnr_gt_edit")  # fmt: skip
+OPTIONAL = ("curvature", "valid", "valid_object", "valid_preserved")  # means over the records that have them
 
 
 def aggregate(records: Sequence[dict], *, reference: str = BASELINE) -> list[dict]:
@@ -331,6 +369,7 @@ def aggregate(records: Sequence[dict], *, reference: str = BASELINE) -> list[dic
                "nfe": _mean(r["nfe"] for r in rs), "tflops": _mean(r["tflops"] for r in rs),
                "latency_s": _mean(r["latency_s"] for r in rs)}  # fmt: skip
         row.update({k: _mean(r[k] for r in rs) for k in FIDELITY})
+        row.update({k: _mean(r[k] for r in rs if k in r) for k in OPTIONAL if any(k in r for r in rs)})
         if "iou" in rs[0]:
             row.update({f"{k}_local": _mean(r[k] for r in local) for k in ("iou", "precision", "recall")})
             row["expanded_fraction_local"] = _mean(r["expanded_fraction"] for r in local)
@@ -376,7 +415,14 @@ EVAL_COLUMNS = (
     ("SSIM", "ssim_ref", ".3f", 6), ("edit", "ssim_ref_edit", ".3f", 6), ("keep", "ssim_ref_keep", ".3f", 6),
     ("gt", "psnr_gt", ".2f", 6), ("gt ed", "psnr_gt_edit", ".2f", 6), ("IoU L", "iou_local", ".3f", 6),
     ("P L", "precision_local", ".3f", 6), ("R L", "recall_local", ".3f", 6),
-    ("exp G", "expanded_fraction_global", ".3f", 6),
+    ("exp G", "expanded_fraction_global", ".3f", 6), ("curv", "curvature", ".4f", 7),
+)  # fmt: skip
+STOCHASTIC_COLUMNS = (
+    ("NFE", "nfe", ".0f", 4), ("TFLOPs", "tflops", ".4f", 8), ("x FLOPs", "flops_speedup", ".2f", 7),
+    ("lat s", "latency_s", ".2f", 7), ("x lat", "latency_speedup", ".2f", 6),
+    ("PSNR", "psnr_ref", ".2f", 6), ("edit", "psnr_ref_edit", ".2f", 6), ("keep", "psnr_ref_keep", ".2f", 6),
+    ("valid", "valid", ".3f", 6), ("object", "valid_object", ".3f", 6), ("kept", "valid_preserved", ".3f", 6),
+    ("draw", "psnr_gt", ".2f", 6), ("exp", "expanded_fraction", ".3f", 6), ("curv", "curvature", ".4f", 7),
 )  # fmt: skip
 
 
@@ -481,7 +527,7 @@ def demo(toy: ToyEditor, out: str | os.PathLike, *, methods=DEMO_METHODS, n: int
     return report
 
 
-PANEL = re.compile(rf"panel_\d+_({'|'.join(LOCAL_EDITS + GLOBAL_EDITS)})\.png")
+PANEL = re.compile(rf"panel_\d+_({'|'.join(ALL_EDITS)})\.png")
 
 
 def _demo_owns(name: str) -> bool:
@@ -521,17 +567,19 @@ def suite_records(out: str | os.PathLike, setup: dict, suite: Mapping[tuple[str,
 
 
 def _store(out, toy: ToyEditor, names: Sequence[str], *, n: int, offset: int, reference: str,
-           lora: str | None, images: bool) -> Callable[[], RecordStore] | None:  # fmt: skip
+           lora: str | None, images: bool, suite: str) -> Callable[[], RecordStore] | None:  # fmt: skip
     """How rank 0 opens the record store of ``out`` (None without ``out``)."""
     if out is None:
         return None
     setup = {"editor": fingerprint(toy), "device": toy.device.type, "reference": reference, "offset": offset}
+    if suite != "toy":  # the deterministic suite's folders predate the field
+        setup["suite"] = suite
     if lora is not None:  # the distilled methods' weights (only suites that run them record it)
         setup["lora"] = lora
     if images:  # only runs that save images record it: their records name the files
         setup["images"] = IMAGES
-    suite = {(m, EVAL_FIRST_SEED + offset + i): i for m in names for i in range(n)}
-    return lambda: suite_records(out, setup, suite)
+    keys = {(m, SUITES[suite] + offset + i): i for m in names for i in range(n)}
+    return lambda: suite_records(out, setup, keys)
 
 
 def image_path(record: Mapping) -> str:
@@ -550,10 +598,11 @@ def _save_images(out: Path, records: list[dict], outcomes: Mapping[str, Outcome]
 
 def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int = 0, reference: str = BASELINE,
                    dist: Dist | None = None, log: Log = None, out: str | os.PathLike | None = None,
-                   lora: str | os.PathLike | None = None, images: bool = False) -> list[dict] | None:  # fmt: skip
-    """Records of the eval suite for ``methods`` (names or {name: method}), sharded over the ranks of ``dist``
-    (default: from the environment); the merged records (ordered by method, then example) on rank 0, None on
-    the other ranks.
+                   lora: str | os.PathLike | None = None, images: bool = False,
+                   suite: str = "toy") -> list[dict] | None:  # fmt: skip
+    """Records of the eval ``suite`` ("toy" or "toy-stochastic", :func:`eval_cases`) for ``methods`` (names or
+    {name: method}), sharded over the ranks of ``dist`` (default: from the environment); the merged records
+    (ordered by method, then example) on rank 0, None on the other ranks.
 
     With ``out``, each example's records are appended to ``out/examples.jsonl`` when it finishes (by rank 0,
     after gathering the ranks' examples of that round) and (method, seed) pairs already there are not run
@@ -570,7 +619,7 @@ def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int 
         out = atomic.check_folder(out)
     elif images:
         raise ValueError("images=True needs an out folder to save them in")
-    cases = eval_cases(n, offset, indices=dist.shard(n))
+    cases = eval_cases(n, offset, indices=dist.shard(n), suite=suite)
 
     def step(j: int, case: Case) -> list[dict]:
         recs, outcomes = evaluate_case(toy, case, named, reference=reference, warmup=j == 0, log=log, skip=done,
@@ -579,7 +628,15 @@ def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int 
 
     with Ranks(dist, toy.device) as ranks:
         make = _store(
-            out, toy, list(named), n=n, offset=offset, reference=reference, lora=lora_id, images=images
+            out,
+            toy,
+            list(named),
+            n=n,
+            offset=offset,
+            reference=reference,
+            lora=lora_id,
+            images=images,
+            suite=suite,
         )
         store, done = open_store(ranks, make)
         if done and log:

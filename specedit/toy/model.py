@@ -80,9 +80,17 @@ TOY_DIT = FluxConfig(
 )
 
 
-def toy_tokenizer(max_length: int = TEXT_TOKENS) -> FastTokenizer:
-    """Word-level tokenizer of the instruction vocabulary: <bos> words <eos>, padded with <eos>."""
+def toy_tokenizer(max_length: int = TEXT_TOKENS, vocab_size: int | None = None) -> FastTokenizer:
+    """Word-level tokenizer of the instruction vocabulary: <bos> words <eos>, padded with <eos>. ``vocab_size``
+    (the text encoder's) keeps the first words of :func:`vocabulary` that fit, so an editor trained before the
+    vocabulary grew keeps its ids (its unknown words become <unk>)."""
     words = vocabulary()
+    if vocab_size is not None:
+        if not len(SPECIALS) + 1 < vocab_size <= len(words) + len(SPECIALS) + 1:
+            raise ValueError(
+                f"a toy text encoder's vocab_size must be in 4..{len(words) + 3}, got {vocab_size}"
+            )
+        words = words[: vocab_size - len(SPECIALS) - 1]
     vocab = {t: i for i, t in enumerate([*SPECIALS, *words, "<eos>"])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -148,7 +156,7 @@ class ToyEditor:
                     module, open_checkpoint(path / f"{name}.safetensors"), dtype=dtype, device=device
                 )
             )
-        return cls(*nets, toy_tokenizer(text_cfg.max_positions))
+        return cls(*nets, toy_tokenizer(text_cfg.max_positions, text_cfg.vocab_size))
 
     def save(
         self,
@@ -187,6 +195,22 @@ class ToyEditor:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def take_weights(self, donor: ToyEditor) -> ToyEditor:
+        """Copy ``donor``'s transformer and text encoder into this editor. A donor with a smaller vocabulary
+        (trained before the vocabulary grew) gives its words' embeddings; <eos> moves to the last id, and the
+        new words start from small random vectors."""
+        self.dit.load_state_dict(donor.dit.state_dict())
+        state = donor.text.state_dict()
+        key = "text_model.embeddings.token_embedding.weight"
+        old, new = state[key], self.text.state_dict()[key]
+        if old.shape[0] < new.shape[0]:
+            grown = torch.randn(new.shape, generator=torch.Generator().manual_seed(0)) * 0.02
+            grown[: old.shape[0] - 1] = old[:-1]
+            grown[-1] = old[-1]  # <eos>: the highest id in both
+            state[key] = grown.to(old.dtype)
+        self.text.load_state_dict(state)
+        return self
 
     def with_latent_stats(self, shift: float, scale: float) -> ToyEditor:
         """The same networks with the AE's latent normalisation set to (z - shift) * scale."""

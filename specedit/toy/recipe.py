@@ -47,6 +47,8 @@ def _config(run: Path, overrides: dict) -> ToyTrainConfig:
     if path.is_file():
         saved = json.loads(path.read_text())
         saved["res_probs"] = tuple(saved["res_probs"])
+        if "kind_weights" in saved:
+            saved["kind_weights"] = tuple(saved["kind_weights"])
         cfg = ToyTrainConfig(**saved)
         # step counts may grow on resume (train longer); anything else must match the run
         changed = {k: v for k, v in overrides.items() if getattr(cfg, k) != v and k not in RESUMABLE}
@@ -140,9 +142,7 @@ def _stages(run: Path, cfg: ToyTrainConfig, weights: Path, deadline: Deadline, d
         return _stopped(summary, deadline, f"autoencoder (step {trained['ae_steps']} of {cfg.ae_steps})")
     editor.ae.to(device).eval()
     if init_from is not None and not (run / "dit_ckpt.safetensors").is_file():  # fine-tune trained weights
-        donor = ToyEditor.load(init_from)
-        editor.dit.load_state_dict(donor.dit.state_dict())
-        editor.text.load_state_dict(donor.text.state_dict())
+        editor.take_weights(ToyEditor.load(init_from))
     data = load_or_encode_dataset(editor, examples, cfg, run, device=device, deadline=deadline)
     del examples
     if data is None:

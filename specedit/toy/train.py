@@ -30,6 +30,7 @@ same device and thread count).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -49,10 +50,14 @@ from samplers.field import dc
 from samplers.layout import Layout, mixed_indices
 from samplers.schedules import FLUX_SCHEDULE, time_shift
 from specedit.toy import atomic
-from specedit.toy.data import GLOBAL_EDITS, LOCAL_EDITS, make_example
+from specedit.toy.data import ALL_EDITS, make_example
 from specedit.toy.model import IMAGE_SIZE, TEXT_TOKENS, ToyEditor, images_to_tensor, toy_tokenizer
 
-KINDS = LOCAL_EDITS + GLOBAL_EDITS
+KINDS = ALL_EDITS  # a dataset's "kind" is the index into this tuple
+# how often each edit kind is drawn for the training set (ALL_EDITS order): add, resize and move, the kinds the
+# first editor drew with soft outlines, more often, and a quarter of stochastic edits (the curved-flow suite)
+KIND_WEIGHTS = {"recolor": 1.0, "remove": 1.0, "add": 3.0, "resize": 2.0, "move": 2.0, "background": 1.0,
+                "brightness": 1.0, "cast": 1.0, "add-somewhere": 1.5, "pattern": 1.5, "scatter": 1.5}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class ToyTrainConfig:
     kl_weight: float = 1e-6
     # dataset
     n_train: int = 12000
+    kind_weights: tuple[float, ...] = tuple(KIND_WEIGHTS[k] for k in ALL_EDITS)  # per kind of ALL_EDITS
     # transformer + text encoder
     steps: int = 2500  # 0: "auto", fit the schedule to the time budget after timing the first steps
     batch: int = 16
@@ -101,6 +107,12 @@ class ToyTrainConfig:
                 raise ValueError(f"{_name(name)} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"{_name('ema')} must be in [0, 1), got {self.ema!r}")
+        w = tuple(self.kind_weights)
+        if len(w) != len(ALL_EDITS) or any(not x >= 0 for x in w) or not sum(w) > 0:
+            raise ValueError(
+                f"{_name('kind_weights')} must be {len(ALL_EDITS)} weights >= 0 (one per kind of {ALL_EDITS}) with "
+                f"a positive sum, got {w}"
+            )
         probs = tuple(self.res_probs)
         if not 1 <= len(probs) <= 4 or any(not p >= 0 for p in probs) or not sum(probs) > 0:
             raise ValueError(
@@ -241,25 +253,36 @@ def train_ae(
 
 
 # ----------------------------------------------------------------------------------------------- dataset
-def _example_arrays(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int]:
-    ex = make_example(seed, size=IMAGE_SIZE)
+def _example_arrays(
+    seed: int, weights: tuple[float, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int]:
+    kinds = ALL_EDITS if weights else ALL_EDITS[:8]  # no weights: the first editor's eight kinds, uniformly
+    ex = make_example(seed, size=IMAGE_SIZE, kinds=kinds, weights=weights)
     return ex.source, ex.target, ex.mask, ex.instruction, KINDS.index(ex.kind)
 
 
 def generate_examples(
-    n: int, *, first_seed: int = 0, workers: int = 0, tokenizer=None, deadline: Deadline | None = None
+    n: int,
+    *,
+    first_seed: int = 0,
+    workers: int = 0,
+    tokenizer=None,
+    deadline: Deadline | None = None,
+    kind_weights: tuple[float, ...] | None = None,
 ) -> dict[str, Tensor]:
     """Examples ``first_seed .. first_seed + n - 1`` as tensors: source / target (n, H, W, 3) uint8, pixel
-    masks, instruction ids and edit kinds (``workers`` processes generate them). At the deadline it returns
-    the first examples made so far (possibly none)."""
+    masks, instruction ids and edit kinds (``workers`` processes generate them); ``kind_weights`` (one per kind
+    of ALL_EDITS) as in :class:`ToyTrainConfig`, None for the deterministic kinds drawn uniformly. At the
+    deadline it returns the first examples made so far (possibly none)."""
     deadline = deadline or Deadline()
     seeds = range(first_seed, first_seed + n)
+    make = functools.partial(_example_arrays, weights=kind_weights)
     rows = []
     if workers > 1:
         from multiprocessing import get_context
 
         with get_context("fork").Pool(workers) as pool:  # leaving the block ends the workers
-            for row in pool.imap(_example_arrays, seeds, chunksize=64):
+            for row in pool.imap(make, seeds, chunksize=64):
                 rows.append(row)
                 if deadline.reached():
                     break
@@ -267,7 +290,7 @@ def generate_examples(
         for seed in seeds:
             if deadline.reached():
                 break
-            rows.append(_example_arrays(seed))
+            rows.append(make(seed))
     if not rows:
         return _no_examples()
     return {
@@ -345,7 +368,13 @@ def load_or_generate_examples(
     part = run / f"examples_{cfg.n_train}.part.safetensors"
     done, start = _count(part)
     first = cfg.seed * 1_000_000 + start
-    new = generate_examples(cfg.n_train - start, first_seed=first, workers=workers, deadline=deadline)
+    new = generate_examples(
+        cfg.n_train - start,
+        first_seed=first,
+        workers=workers,
+        deadline=deadline,
+        kind_weights=cfg.kind_weights,
+    )
     examples = new if done is None else {k: torch.cat([done[k], new[k]]) for k in new}
     if examples["kind"].shape[0] < cfg.n_train:
         if new["kind"].shape[0]:

@@ -271,3 +271,39 @@ def test_torchrun_shards_and_merges_like_a_single_process(single_eval, toy_weigh
                 assert m[k] == pytest.approx(s[k], rel=1e-5, abs=1e-7), (s["method"], s["index"], k)
             else:
                 assert m[k] == s[k], (s["method"], s["index"], k)
+
+
+# ----------------------------------------------------------------------------------------------- toy-stochastic
+def test_stochastic_suite_cycles_its_kinds_on_its_own_seeds():
+    cases = ev.eval_cases(4, 1, suite="toy-stochastic")
+    assert [c.seed for c in cases] == [8_000_001, 8_000_002, 8_000_003, 8_000_004]
+    assert [c.example.kind for c in cases] == ["pattern", "scatter", "add-somewhere", "pattern"]
+    assert {c.scope for c in cases} == {"stochastic"}
+    with pytest.raises(ValueError, match="unknown toy suite 'toy-curved'; choose from toy, toy-stochastic"):
+        ev.eval_cases(1, suite="toy-curved")
+
+
+def test_curvature_is_zero_on_a_straight_path_and_grows_as_it_turns():
+    sig = torch.linspace(1, 0, 6)
+    straight = [{"sigma": sig[i], "sigma_next": sig[i + 1], "v": torch.ones(1, 4, 2)} for i in range(5)]
+    assert ev.curvature(straight) == pytest.approx(0.0, abs=1e-12)
+    turning = [dict(s, v=torch.ones(1, 4, 2) * (1 + (i % 2))) for i, s in enumerate(straight)]
+    assert ev.curvature(turning) > 0.05
+    staged = [dict(s, stage="draft" if i < 2 else "full") for i, s in enumerate(straight)]
+    assert ev.curvature(staged) is None and ev.curvature([]) is None
+
+
+def test_stochastic_eval_records_validity_and_curvature(toy_weights, tmp_path):
+    out = tmp_path / "stochastic"
+    with threads(None), contextlib.redirect_stdout(io.StringIO()) as printed:
+        rc = main(["eval", "--suite", "toy-stochastic", "--weights", str(toy_weights), "--out", str(out),
+                   "--threads", "1", "--n", "3", "--methods", "steps-4,specedit-9", "--reference", "steps-10",
+                   "--quiet"])  # fmt: skip
+    assert rc == 0 and "toy-stochastic suite" in printed.getvalue() and "valid" in printed.getvalue()
+    records = ev.read_jsonl(out / "examples.jsonl")
+    assert {r["kind"] for r in records} == {"add-somewhere", "pattern", "scatter"}
+    assert all(r["valid"] in (0.0, 1.0) and r["seed"] >= 8_000_000 for r in records)
+    assert all(("curvature" in r) == r["method"].startswith("steps") for r in records)
+    rows = {r["method"]: r for r in ev.read_jsonl(out / "metrics.jsonl")}
+    assert rows["steps-4"]["curvature"] >= 0 and 0 <= rows["specedit-9"]["valid"] <= 1
+    assert json.loads((out / "suite.json").read_text())["suite"] == "toy-stochastic"

@@ -215,7 +215,7 @@ def test_example_bank_and_encoding_stop_and_continue(tmp_path):
     assert (tmp_path / "examples_5.part.safetensors").is_file()
     examples = load_or_generate_examples(cfg, tmp_path)
     assert not (tmp_path / "examples_5.part.safetensors").exists()
-    whole = generate_examples(5)
+    whole = generate_examples(5, kind_weights=cfg.kind_weights)
     assert all(torch.equal(examples[k], whole[k]) for k in whole)
 
     editor = ToyEditor.create(seed=0)

@@ -1,6 +1,7 @@
 """The toy recipe end to end at a tiny budget: stages, resume, saved weights that load and edit."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,3 +56,33 @@ def test_dit_loss_trains_every_layout(factor):
     grads = [p.grad for p in editor.dit.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(gr).all() for gr in grads)
     assert any(p.grad is not None for p in editor.text.parameters())  # the text tower trains jointly
+
+
+def test_kind_weights_are_checked_and_drawn(tmp_path, capsys):
+    from specedit.cli import main
+    from specedit.toy.data import ALL_EDITS
+    from specedit.toy.train import KINDS, ToyTrainConfig, generate_examples
+
+    with pytest.raises(ValueError, match=r"--kind-weights must be 11 weights >= 0 .* got \(1.0, 2.0\)"):
+        ToyTrainConfig(kind_weights=(1.0, 2.0))
+    only = tuple(1.0 if k == "scatter" else 0.0 for k in ALL_EDITS)
+    bank = generate_examples(4, kind_weights=only)
+    assert {KINDS[int(k)] for k in bank["kind"]} == {"scatter"}
+    assert main(["train-toy", "--run", str(tmp_path / "r"), "--kind-weights", "add=2,turn=1"]) == 2
+    assert "unknown edit kind 'turn'; choose from recolor" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_init_from_an_editor_with_the_smaller_first_vocabulary(tmp_path):
+    """Fine-tuning the first editor (51 token ids): its words keep their embeddings, <eos> moves to the end."""
+    old = ToyEditor.create(seed=1)
+    from models.clip import CLIPText
+
+    old.text = CLIPText(replace(old.text.config, vocab_size=51))
+    old.save(tmp_path / "old")
+    first = ToyEditor.load(tmp_path / "old")
+    assert first.text.config.vocab_size == 51 and first.tokenizer("remove the red star").max() == 50
+    grown = ToyEditor.create().take_weights(first)
+    a, b = first.encode_prompt("remove the red star"), grown.encode_prompt("remove the red star")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert grown.tokenizer("scatter three red dots").min() > 0  # the new words have ids of their own
