@@ -293,7 +293,8 @@ def score(
     if ex.request is not None:  # a stochastic edit: is the output one of its valid outcomes?
         check = validity.check(ex, to_uint8(img))
         rec.update({"valid": float(check["valid"]), "valid_object": float(check["object"]),
-                    "valid_preserved": float(check["preserved"]), "found": float(check["found"])})  # fmt: skip
+                    "valid_preserved": float(check["preserved"]), "found": float(check["found"]),
+                    "preserved_psnr": check["preserved_psnr"]})  # fmt: skip
     verdict = result.verdict
     if verdict is not None:
         pred = verdict.edit if verdict.edit is not None else verdict.mask
@@ -627,17 +628,8 @@ def evaluate_suite(toy: ToyEditor, methods=EVAL_METHODS, *, n: int, offset: int 
         return _save_images(out, recs, outcomes) if images else recs
 
     with Ranks(dist, toy.device) as ranks:
-        make = _store(
-            out,
-            toy,
-            list(named),
-            n=n,
-            offset=offset,
-            reference=reference,
-            lora=lora_id,
-            images=images,
-            suite=suite,
-        )
+        make = _store(out, toy, list(named), n=n, offset=offset, reference=reference, lora=lora_id,
+                      images=images, suite=suite)  # fmt: skip
         store, done = open_store(ranks, make)
         if done and log:
             log(f"{len(done)} records already in {store.path if store else out}: not run again")
