@@ -54,10 +54,10 @@ class Shape:
     color: str
     size: str
     place: str
-    offset: tuple[float, float] = (0.0, 0.0)  # (row, col) from the place's centre, fractions of the side
-    pattern: tuple | None = (
-        None  # ("checker" | "stripes" | "dots", second colour, period px, phase y, phase x)
-    )
+    # (row, col) from the place's centre, fractions of the side
+    offset: tuple[float, float] = (0.0, 0.0)
+    # ("checker" | "stripes" | "dots", second colour, period px, phase y, phase x)
+    pattern: tuple | None = None
 
     @property
     def name(self) -> str:
@@ -80,9 +80,8 @@ class Example:
     mask: np.ndarray  # (H, W) bool: pixels the edit changed
     kind: str  # the edit type, e.g. "recolor" or "background"
     scene: Scene = field(repr=False, default=None)
-    request: Request | None = field(
-        repr=False, default=None
-    )  # stochastic edits: what every valid outcome has
+    # stochastic edits: what every valid outcome has
+    request: Request | None = field(repr=False, default=None)
 
 
 @dataclass(frozen=True)
@@ -145,13 +144,13 @@ def _pattern(pattern: tuple, size: int) -> np.ndarray:
     """(size, size) bool: where a patterned shape takes its second colour."""
     style, _, period, py, px = pattern
     yy, xx = np.mgrid[0:size, 0:size]
-    y, x = (yy + py) % period, (xx + px) % period
     if style == "checker":
         return ((yy + py) // (period // 2) + (xx + px) // (period // 2)) % 2 == 0
     if style == "stripes":
         return ((xx + yy + px) // (period // 2)) % 2 == 0
     if style == "dots":
-        return (y - period / 2 + 0.5) ** 2 + (x - period / 2 + 0.5) ** 2 <= (period / 3.2) ** 2
+        y, x = (yy + py) % period - period / 2 + 0.5, (xx + px) % period - period / 2 + 0.5
+        return y**2 + x**2 <= (period / 3.2) ** 2
     raise ValueError(f"unknown pattern style {style!r}")
 
 
@@ -196,7 +195,7 @@ def _free_place(rng, shapes: tuple[Shape, ...], exclude=()) -> str | None:
 
 def _scene_sample(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     bg = _background_sample(rng)
-    bg_colors = set(bg[1:3]) if bg[0] != "plain" else {bg[1]}
+    bg_colors = _bg_colors(Scene(bg, ()))
     shapes: list[Shape] = []
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         kind = _pick(rng, SHAPES)
@@ -214,7 +213,7 @@ def _distinct(shapes: tuple[Shape, ...], shape: Shape) -> bool:
 def make_edit(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[str, Scene] | None:
     """An instruction of ``kind`` and the edited scene, or None when the scene does not allow it."""
     shapes = scene.shapes
-    bg_colors = set(scene.background[1:3]) if scene.background[0] != "plain" else {scene.background[1]}
+    bg_colors = _bg_colors(scene)
     named = [s for s in shapes if _distinct(shapes, s)]
     if kind in ("recolor", "remove", "resize", "move") and not named:
         return None
@@ -274,69 +273,73 @@ def make_edit(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[str, S
 def make_stochastic_edit(rng: np.random.Generator, scene: Scene, kind: str, size: int = 128):
     """A stochastic edit of ``kind``: (instruction, one drawn edited scene, its Request), or None when the scene
     does not allow it. Every random choice the instruction leaves open is drawn from ``rng``."""
+    if kind not in STOCHASTIC_EDITS:
+        raise ValueError(f"unknown stochastic edit kind {kind!r}")
+    make = {"add-somewhere": _add_somewhere, "pattern": _pattern_fill, "scatter": _scatter}[kind]
+    return make(rng, scene, size)
+
+
+def _add_somewhere(rng: np.random.Generator, scene: Scene, size: int):
     shapes = scene.shapes
-    bg_colors = set(scene.background[1:3]) if scene.background[0] != "plain" else {scene.background[1]}
+    taken = {x.place for x in shapes}
+    sides = [s for s, places in SIDES.items() if any(p not in taken for p in places)]
+    if not sides or len(shapes) >= 4:
+        return None
+    side = _pick(rng, sides)
+    place = _free_place(rng, shapes, exclude=tuple(p for p in PLACES if p not in SIDES[side]))
+    k = _pick(rng, SHAPES)
+    color = _pick(rng, list(COLORS), exclude=_bg_colors(scene) | {x.color for x in shapes})
+    offset = tuple(float(v) for v in rng.uniform(-JITTER, JITTER, 2))
+    new = Shape(k, color, _pick(rng, list(SIZES)), place, offset)
+    cut = round(0.56 * size)  # the side's half and a margin for a large shape jittered inwards
     half = np.zeros((size, size), bool)
-    if kind == "add-somewhere":
-        sides = [s for s, places in SIDES.items() if any(p not in {x.place for x in shapes} for p in places)]
-        if not sides or len(shapes) >= 4:
-            return None
-        side = _pick(rng, sides)
-        place = _free_place(rng, shapes, exclude=tuple(p for p in PLACES if p not in SIDES[side]))
-        k = _pick(rng, SHAPES)
-        color = _pick(rng, list(COLORS), exclude=bg_colors | {x.color for x in shapes})
-        offset = tuple(float(v) for v in rng.uniform(-JITTER, JITTER, 2))
-        new = Shape(k, color, _pick(rng, list(SIZES)), place, offset)
-        cut = round(0.56 * size)  # the side's half and a margin for a large shape jittered inwards
-        region = {
-            "left": np.s_[:, :cut],
-            "right": np.s_[:, size - cut :],
-            "top": np.s_[:cut],
-            "bottom": np.s_[size - cut :],
-        }
-        half[region[side]] = True
-        text = _pick(rng, ("add a {n} somewhere on the {s}", "put a {n} somewhere on the {s}"))
-        return (
-            text.format(n=new.name, s=side),
-            replace(scene, shapes=(*shapes, new)),
-            Request(kind, color, half, 1),
-        )
-    if kind == "pattern":
-        named = [s for s in shapes if _distinct(shapes, s) and s.size != "small"]
-        if not named:
-            return None
-        s = _pick(rng, named)
-        period = int(_pick(rng, PATTERN_PERIODS))
-        second = _pick(rng, list(COLORS), exclude=bg_colors | {s.color})
-        pattern = (
-            _pick(rng, ("checker", "stripes", "dots")),
-            second,
-            period,
-            *(int(v) for v in rng.integers(period, size=2)),
-        )
-        edited = tuple(replace(x, pattern=pattern) if x is s else x for x in shapes)
-        region = _shape_mask(s, size) & ~_covered(shapes[shapes.index(s) + 1 :], size)
-        text = f"fill the {s.name} with a random pattern"
-        return text, replace(scene, shapes=edited), Request(kind, s.color, region, 0)
-    if kind == "scatter":
-        count_word = _pick(rng, list(COUNTS))
-        color = _pick(rng, list(COLORS), exclude=bg_colors | {x.color for x in shapes})
-        free = ~_covered(shapes, size, grow=3)
-        dots: list[Shape] = []
-        for _ in range(200):
-            if len(dots) == COUNTS[count_word]:
-                break
-            y, x = rng.uniform(0.08, 0.92, 2)
-            dot = Shape("dot", color, "small", "center", (float(y) - 0.5, float(x) - 0.5))
-            inside = _shape_mask(dot, size)
-            if (inside & ~free).any() or (inside & _covered(tuple(dots), size, grow=4)).any():
-                continue
+    half[{"left": np.s_[:, :cut], "right": np.s_[:, size - cut :], "top": np.s_[:cut],
+          "bottom": np.s_[size - cut :]}[side]] = True  # fmt: skip
+    text = _pick(rng, ("add a {n} somewhere on the {s}", "put a {n} somewhere on the {s}"))
+    return text.format(n=new.name, s=side), replace(scene, shapes=(*shapes, new)), Request("add-somewhere",
+                                                                                          color, half, 1)  # fmt: skip
+
+
+def _pattern_fill(rng: np.random.Generator, scene: Scene, size: int):
+    shapes = scene.shapes
+    named = [s for s in shapes if _distinct(shapes, s) and s.size != "small"]
+    if not named:
+        return None
+    s = _pick(rng, named)
+    period = int(_pick(rng, PATTERN_PERIODS))
+    second = _pick(rng, list(COLORS), exclude=_bg_colors(scene) | {s.color})
+    style = _pick(rng, ("checker", "stripes", "dots"))
+    pattern = (style, second, period, *(int(v) for v in rng.integers(period, size=2)))
+    edited = tuple(replace(x, pattern=pattern) if x is s else x for x in shapes)
+    region = _shape_mask(s, size) & ~_covered(shapes[shapes.index(s) + 1 :], size)  # its visible pixels
+    text = f"fill the {s.name} with a random pattern"
+    return text, replace(scene, shapes=edited), Request("pattern", s.color, region, 0)
+
+
+def _scatter(rng: np.random.Generator, scene: Scene, size: int):
+    shapes = scene.shapes
+    word = _pick(rng, list(COUNTS))
+    color = _pick(rng, list(COLORS), exclude=_bg_colors(scene) | {x.color for x in shapes})
+    free = ~_covered(shapes, size, grow=3)
+    dots: list[Shape] = []
+    for _ in range(200):
+        if len(dots) == COUNTS[word]:
+            break
+        y, x = rng.uniform(0.08, 0.92, 2)
+        dot = Shape("dot", color, "small", "center", (float(y) - 0.5, float(x) - 0.5))
+        inside = _shape_mask(dot, size)
+        if not (inside & ~free).any() and not (inside & _covered(tuple(dots), size, grow=4)).any():
             dots.append(dot)
-        if len(dots) < COUNTS[count_word]:
-            return None
-        text = f"scatter {count_word} {color} dots"
-        return text, replace(scene, shapes=(*shapes, *dots)), Request(kind, color, free, COUNTS[count_word])
-    raise ValueError(f"unknown stochastic edit kind {kind!r}")
+    if len(dots) < COUNTS[word]:
+        return None
+    text = f"scatter {word} {color} dots"
+    return text, replace(scene, shapes=(*shapes, *dots)), Request("scatter", color, free, COUNTS[word])
+
+
+def _bg_colors(scene: Scene) -> set[str]:
+    """The colour names of ``scene``'s background (one for a plain one, two otherwise)."""
+    bg = scene.background
+    return set(bg[1:3]) if bg[0] != "plain" else {bg[1]}
 
 
 def _covered(shapes: tuple[Shape, ...], size: int, grow: int = 0) -> np.ndarray:

@@ -50,7 +50,7 @@ from samplers.field import dc
 from samplers.layout import Layout, mixed_indices
 from samplers.schedules import FLUX_SCHEDULE, time_shift
 from specedit.toy import atomic
-from specedit.toy.data import ALL_EDITS, make_example
+from specedit.toy.data import ALL_EDITS, GLOBAL_EDITS, LOCAL_EDITS, make_example
 from specedit.toy.model import IMAGE_SIZE, TEXT_TOKENS, ToyEditor, images_to_tensor, toy_tokenizer
 
 KINDS = ALL_EDITS  # a dataset's "kind" is the index into this tuple
@@ -256,7 +256,7 @@ def train_ae(
 def _example_arrays(
     seed: int, weights: tuple[float, ...] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int]:
-    kinds = ALL_EDITS if weights else ALL_EDITS[:8]  # no weights: the first editor's eight kinds, uniformly
+    kinds = ALL_EDITS if weights else LOCAL_EDITS + GLOBAL_EDITS  # no weights: the first editor's draw
     ex = make_example(seed, size=IMAGE_SIZE, kinds=kinds, weights=weights)
     return ex.source, ex.target, ex.mask, ex.instruction, KINDS.index(ex.kind)
 

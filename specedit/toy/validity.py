@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
+import torch
 
+from specedit.toy import metrics
 from specedit.toy.data import COLORS, SHAPES, Example, Shape, _shape_mask, dilate
 
 COLOR_TOLERANCE = 35.0
@@ -65,9 +67,10 @@ def _smallest_area(kind: str, size: int) -> float:
     return float(min(_shape_mask(Shape(k, "red", "small", "center"), size).sum() for k in SHAPES))
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()) / 255.0**2
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    """PSNR (dB) of two uint8 (H, W, 3) images over the pixels of ``where`` (``metrics.psnr`` on [-1, 1])."""
+    to = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return float(metrics.psnr(to(a), to(b), torch.from_numpy(where)))
 
 
 def check(example: Example, output: np.ndarray) -> dict:
@@ -90,7 +93,7 @@ def check(example: Example, output: np.ndarray) -> dict:
         centres_in = all(req.region[round(y), round(x)] for _, y, x in found_objects)
         found, ok = len(found_objects), len(found_objects) == req.count and centres_in
     outside = ~dilate(req.region, MARGIN)
-    kept = _psnr(output[outside], example.source[outside]) if outside.any() else float("inf")
+    kept = _psnr(output, example.source, outside) if outside.any() else float("inf")
     return {
         "valid": bool(ok and kept >= PRESERVED_DB),
         "object": bool(ok),
