@@ -4,7 +4,7 @@ A scene is a background (plain, a two-colour gradient or a two-colour texture) w
 (circle, square, triangle, star, diamond) of named colours and sizes at named places on a 3 x 3 layout. An
 edit is an English instruction and the scene it describes:
 
-- local: recolour, remove, add at a named place, resize (bigger / smaller), move to a named place;
+- local: recolour, remove, add (a named size at a named place), resize (bigger / smaller), move to a named place;
 - global: background colour, brightness (brighter / darker), colour cast (warm / cool);
 - stochastic (several valid outcomes, the curved-flow suite): add a shape somewhere on a side (left, right,
   top, bottom: a free place of that side, jittered), fill a shape with a random pattern (checker, stripes or
@@ -236,8 +236,9 @@ def make_edit(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[str, S
         k = _pick(rng, SHAPES)
         color = _pick(rng, list(COLORS), exclude=bg_colors | {x.color for x in shapes if x.kind == k})
         new = Shape(k, color, _pick(rng, list(SIZES)), place)
-        text = _pick(rng, ("add a {n} at the {p}", "put a {n} at the {p}", "draw a {n} at the {p}"))
-        return text.format(n=new.name, p=place), replace(scene, shapes=(*shapes, new))
+        # the size is named so that the instruction determines the target (v1 and v2 left it open)
+        text = _pick(rng, ("add a {s} {n} at the {p}", "put a {s} {n} at the {p}", "draw a {s} {n} at the {p}"))
+        return text.format(s=new.size, n=new.name, p=place), replace(scene, shapes=(*shapes, new))
     if kind == "resize":
         s = _pick(rng, named)
         order = list(SIZES)
@@ -395,14 +396,17 @@ def make_example(seed: int, *, size: int = 128, kinds: tuple[str, ...] = LOCAL_E
 
 _WORDS = """make the change to paint remove delete take away add a at put draw bigger smaller move shift
 background image brighter darker give warm cool tint"""
-_STOCHASTIC_WORDS = "somewhere on fill with random pattern scatter dots"
+_STOCHASTIC_WORDS = "somewhere on fill with random pattern scatter dots"  # added by v2
+_SIZE_WORDS = " ".join(SIZES)  # added by v3: "add" names the size
 
 
 def vocabulary() -> list[str]:
     """Every word an instruction can contain (the toy tokenizer's vocabulary): the first editor's 48 words,
-    sorted, then the stochastic edits' words, sorted, so the first 48 keep their ids."""
-    words = set(_WORDS.split()) | set(COLORS) | set(SHAPES)
+    sorted, then each later editor's new words, sorted, so that every earlier word keeps its id."""
+    first = set(_WORDS.split()) | set(COLORS) | set(SHAPES)
     for place in PLACES:
-        words |= set(place.split())
-    added = set(_STOCHASTIC_WORDS.split()) | set(COUNTS)
-    return sorted(words) + sorted(added - words)
+        first |= set(place.split())
+    words = sorted(first)
+    for added in (set(_STOCHASTIC_WORDS.split()) | set(COUNTS), set(_SIZE_WORDS.split())):
+        words += sorted(added - set(words))
+    return words

@@ -8,6 +8,8 @@ from specedit.toy.data import (
     GLOBAL_EDITS,
     LOCAL_EDITS,
     STOCHASTIC_EDITS,
+    Shape,
+    _shape_mask,
     dilate,
     make_example,
     render,
@@ -87,8 +89,9 @@ def test_the_default_draw_is_the_first_editors_and_weights_pick_kinds():
 
 def test_vocabulary_grows_at_the_end():
     words = vocabulary()
-    assert words[:48] == sorted(words[:48]) and len(words) == len(set(words)) == 59
-    assert {"scatter", "somewhere", "pattern", "three", "dots"} <= set(words[48:])
+    assert words[:48] == sorted(words[:48]) and len(words) == len(set(words)) == 62
+    assert {"scatter", "somewhere", "pattern", "three", "dots"} <= set(words[48:59])
+    assert words[59:] == ["large", "medium", "small"]  # v3: "add" names the size
     texts = [make_example(s, kinds=STOCHASTIC_EDITS).instruction for s in range(100)]
     assert not (toy_tokenizer()(texts) == 0).any()
     old = toy_tokenizer(vocab_size=51)  # the first editor's text encoder: its ids are kept
@@ -98,8 +101,18 @@ def test_vocabulary_grows_at_the_end():
     assert (
         old("scatter three red dots")[0, 1].item() == 0 and old("x")[0, -1].item() == 50
     )  # <unk>; <eos> last
-    with pytest.raises(ValueError, match="vocab_size must be in 4..62, got 70"):
+    v2 = toy_tokenizer(vocab_size=62)  # the second editor's: it knows the stochastic words, not the sizes
+    assert v2("scatter three red dots")[0, 1].item() != 0 and v2("add a large red star")[0, 3].item() == 0
+    with pytest.raises(ValueError, match="vocab_size must be in 4..65, got 70"):
         toy_tokenizer(vocab_size=70)
+
+
+def test_add_names_the_size_so_the_instruction_determines_the_target():
+    for seed in range(20):
+        ex = make_example(seed, kinds=("add",))
+        _, _, size, color, kind, _, _, *place = ex.instruction.split()  # "add a large red star at the top left"
+        drawn = _shape_mask(Shape(kind, color, size, " ".join(place)), 128)
+        assert not (ex.mask & ~drawn).any() and ex.mask.sum() >= 0.9 * drawn.sum(), ex.instruction
 
 
 # ----------------------------------------------------------------------------------------------- validity
