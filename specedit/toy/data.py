@@ -237,8 +237,8 @@ def make_edit(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[str, S
         color = _pick(rng, list(COLORS), exclude=bg_colors | {x.color for x in shapes if x.kind == k})
         new = Shape(k, color, _pick(rng, list(SIZES)), place)
         # the size is named so that the instruction determines the target (v1 and v2 left it open)
-        text = _pick(rng, ("add a {s} {n} at the {p}", "put a {s} {n} at the {p}", "draw a {s} {n} at the {p}"))
-        return text.format(s=new.size, n=new.name, p=place), replace(scene, shapes=(*shapes, new))
+        verb = _pick(rng, ("add", "put", "draw"))
+        return f"{verb} a {new.size} {new.name} at the {place}", replace(scene, shapes=(*shapes, new))
     if kind == "resize":
         s = _pick(rng, named)
         order = list(SIZES)

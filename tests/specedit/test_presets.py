@@ -31,10 +31,19 @@ def test_ntdm_at_least_as_good_as_ralu_7x():
 
 @pytest.mark.parametrize("family,nfe", [(f, n) for f in ("kontext", "qwen", "toy") for n in SPLITS])
 def test_preset_values_are_the_fits(family, nfe):
+    """The 1000-point grid makes the objective piecewise smooth, so a refit on another CPU (other rounding)
+    may stop in a neighbouring kink (Qwen's 11-step split moves its second shift by 0.06), and the presets'
+    three decimals cost up to 2e-4 in JS distance: the presets must be as good as the refit, and close to it."""
+    import torch
+
     fam = get_family(family)
-    shifts, z, _ = fit_ntdm(*SPLITS[nfe], fam.h_ori, z_bounds=(fam.z_floor, 100.0))
-    assert shifts == pytest.approx(fam.fitted[nfe][0], abs=2e-3)
-    assert z == pytest.approx(fam.fitted[nfe][1], abs=2e-3)
+    steps, ends = SPLITS[nfe]
+    shifts, z, jsd = fit_ntdm(steps, ends, fam.h_ori, z_bounds=(fam.z_floor, 100.0))
+    preset_shifts, preset_z = fam.fitted[nfe]
+    preset_jsd = float(objective(list(steps), list(ends), torch.tensor(preset_shifts, dtype=torch.float64),
+                                 torch.tensor(preset_z, dtype=torch.float64), fam.h_ori))  # fmt: skip
+    assert preset_jsd <= jsd + 3e-4
+    assert shifts == pytest.approx(preset_shifts, abs=0.1) and z == pytest.approx(preset_z, rel=0.05)
 
 
 def test_free_fit_ablation_is_the_unfloored_fit():

@@ -110,7 +110,8 @@ def test_vocabulary_grows_at_the_end():
 def test_add_names_the_size_so_the_instruction_determines_the_target():
     for seed in range(20):
         ex = make_example(seed, kinds=("add",))
-        _, _, size, color, kind, _, _, *place = ex.instruction.split()  # "add a large red star at the top left"
+        # "add a large red star at the top left"
+        _, _, size, color, kind, _, _, *place = ex.instruction.split()
         drawn = _shape_mask(Shape(kind, color, size, " ".join(place)), 128)
         assert not (ex.mask & ~drawn).any() and ex.mask.sum() >= 0.9 * drawn.sum(), ex.instruction
 
