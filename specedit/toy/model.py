@@ -158,6 +158,32 @@ class ToyEditor:
             )
         return cls(*nets, toy_tokenizer(text_cfg.max_positions, text_cfg.vocab_size))
 
+    @classmethod
+    def average(cls, paths: list[str | os.PathLike]) -> ToyEditor:
+        """The uniform mean of saved editors' transformer and text-encoder weights (a "model soup", Wortsman et
+        al. 2022, arXiv:2203.05482), e.g. of consecutive fine-tuning stages. All must share one configuration and
+        one autoencoder (checked before averaging), which the result keeps; it is computed in fp32."""
+        if len(paths) < 2:
+            raise ValueError(f"averaging needs two or more toy editors, got {len(paths)}")
+        editors = [cls.load(p) for p in paths]
+        first = editors[0]
+        for path, other in zip(paths[1:], editors[1:]):
+            if (other.dit.config, other.text.config) != (first.dit.config, first.text.config):
+                raise ValueError(f"{path}: another network configuration than {paths[0]}; cannot average")
+            same_ae = other.ae.config == first.ae.config and all(
+                torch.equal(a, b)
+                for a, b in zip(first.ae.state_dict().values(), other.ae.state_dict().values())
+            )
+            if not same_ae:
+                raise ValueError(
+                    f"{path}: another autoencoder than {paths[0]}; only editors sharing one average"
+                )
+        for name in ("dit", "text"):
+            states = [getattr(e, name).state_dict() for e in editors]
+            mean = {k: torch.stack([s[k].float() for s in states]).mean(0) for k in states[0]}
+            getattr(first, name).load_state_dict(mean)
+        return first
+
     def save(
         self,
         path: str | os.PathLike,

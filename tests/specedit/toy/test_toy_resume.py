@@ -164,6 +164,30 @@ def test_manifest_is_checked_on_load(tmp_path):
         write_manifest(folder)
 
 
+def test_average_is_the_mean_of_the_stages(tmp_path):
+    a, b = ToyEditor.create(seed=0), ToyEditor.create(seed=0)
+    b.dit = ToyEditor.create(seed=1).dit  # another transformer, the same autoencoder
+    with torch.no_grad():
+        b.text.text_model.final_layer_norm.weight.add_(0.5)
+    a.save(tmp_path / "a", dtype=torch.float32)
+    b.save(tmp_path / "b", dtype=torch.float32)
+    mean = ToyEditor.average([tmp_path / "a", tmp_path / "b"])
+    for name in ("dit", "text"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        for k, v in getattr(mean, name).state_dict().items():
+            torch.testing.assert_close(v, (sa[k] + sb[k]) / 2, rtol=0, atol=1e-7)
+    assert torch.equal(mean.ae.encoder.conv_in.weight, a.ae.encoder.conv_in.weight)
+    with pytest.raises(ValueError, match="needs two or more toy editors, got 1"):
+        ToyEditor.average([tmp_path / "a"])
+    with torch.no_grad():
+        b.ae.encoder.conv_in.weight.add_(1.0)
+    b.save(tmp_path / "b", dtype=torch.float32)
+    with pytest.raises(
+        ValueError, match=r"b: another autoencoder than .*a; only editors sharing one average"
+    ):
+        ToyEditor.average([tmp_path / "a", tmp_path / "b"])
+
+
 def test_save_replaces_a_folder_as_a_set(tmp_path, monkeypatch):
     from specedit.toy import model
 
