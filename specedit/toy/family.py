@@ -14,7 +14,7 @@ Kontext one; what differs is its calibration:
   expanded on global edits over 30 local and 30 global calibration edits (seeds 7,000,000+;
   ``python benchmarks/calibrate_toy_verifier.py --n 60``): IoU 0.648, 0.927 expanded on global ones with the
   first weights; the v2 weights give 0.633 at this tau over 40 edits (best 0.638 at 0.06), so it was kept, and
-  the v3 weights 0.655 on the deterministic suite's 24 local edits.
+  the v3 weights 0.655 and the v4 weights 0.708 on the deterministic suite's 24 local edits.
 
 - Distilled. ``weights/distill_lora.safetensors`` is a few-step LoRA of the shipped editor (piecewise
   rectified flow toward its own 4-, 6- and 8-step schedules, ``specedit.toy.distill``; recipe and results in
